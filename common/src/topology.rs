@@ -1,0 +1,201 @@
+//! Names and configuration of the JetStream streams, consumers and the KV bucket, and the
+//! idempotent reconciliation each process runs at start.
+//!
+//! Every process reconciles what it uses (`create_or_update`), so start order does not matter and a
+//! changed setting reaches an existing server. Consumers are created with the "create or update"
+//! action: `get_or_create_consumer` would silently keep an old config.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+
+pub const REQUESTS_STREAM: &str = "JETSAGA_REQUESTS";
+pub const COMMANDS_STREAM: &str = "JETSAGA_COMMANDS";
+pub const REPLIES_STREAM: &str = "JETSAGA_REPLIES";
+pub const EVENTS_STREAM: &str = "JETSAGA_EVENTS";
+pub const DLQ_STREAM: &str = "JETSAGA_DLQ";
+pub const TIMERS_STREAM: &str = "JETSAGA_TIMERS";
+pub const OPS_STREAM: &str = "JETSAGA_OPS";
+pub const SAGAS_BUCKET: &str = "sagas";
+
+pub const ORCHESTRATOR_REQUESTS_CONSUMER: &str = "orchestrator-requests";
+pub const ORCHESTRATOR_REPLIES_CONSUMER: &str = "orchestrator-replies";
+pub const ORCHESTRATOR_TIMERS_CONSUMER: &str = "orchestrator-timers";
+pub const ORCHESTRATOR_OPS_CONSUMER: &str = "orchestrator-ops";
+
+/// Operator commands for one saga go to `saga.ops.<saga_id>`.
+pub fn ops_subject(saga_id: &str) -> String {
+    format!("saga.ops.{saga_id}")
+}
+
+/// Durable consumer name of a service on the commands stream.
+pub fn service_consumer(service: &str) -> String {
+    format!("svc-{service}")
+}
+
+/// Settings shared by everything the topology creates.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Replicas of every stream and the bucket: 1 on a single server, 3 on a cluster.
+    pub replicas: usize,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped by the server.
+    pub duplicate_window: Duration,
+    /// How long the server waits for an ack before redelivering.
+    pub ack_wait: Duration,
+    /// Unacked messages a consumer hands out at once (the server default of 1000 is implicit;
+    /// we set it on purpose).
+    pub max_ack_pending: i64,
+    /// How long saga lifecycle events are kept.
+    pub events_max_age: Duration,
+    /// How long dead letters are kept.
+    pub dlq_max_age: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 4096,
+            events_max_age: Duration::from_secs(7 * 24 * 3600),
+            dlq_max_age: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reconcile stream {name}: {source}")]
+    Stream {
+        name: String,
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("cannot reconcile consumer {name} on {stream}: {source}")]
+    Consumer {
+        stream: String,
+        name: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("cannot reconcile bucket {name}: {source}")]
+    Bucket {
+        name: String,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+fn work_queue(name: &str, subjects: Vec<String>, s: &Settings) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        subjects,
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: s.replicas,
+        duplicate_window: s.duplicate_window,
+        ..Default::default()
+    }
+}
+
+fn limits(name: &str, subject: &str, max_age: Duration, s: &Settings) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        subjects: vec![subject.to_string()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: s.replicas,
+        duplicate_window: s.duplicate_window,
+        max_age,
+        ..Default::default()
+    }
+}
+
+async fn reconcile(js: &jetstream::Context, cfg: stream::Config) -> Result<(), Error> {
+    let name = cfg.name.clone();
+    js.create_or_update_stream(cfg)
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Stream { name, source })
+}
+
+/// Streams both sides use: commands, replies, dead letters.
+pub async fn ensure_shared(js: &jetstream::Context, s: &Settings) -> Result<(), Error> {
+    reconcile(
+        js,
+        work_queue(COMMANDS_STREAM, vec!["saga.cmd.>".into()], s),
+    )
+    .await?;
+    reconcile(
+        js,
+        work_queue(REPLIES_STREAM, vec!["saga.reply.>".into()], s),
+    )
+    .await?;
+    reconcile(js, limits(DLQ_STREAM, "saga.dlq.>", s.dlq_max_age, s)).await
+}
+
+/// Everything the orchestrator owns: the requests stream (one subject per definition trigger),
+/// timers, operator commands, events, the `sagas` bucket, plus the shared streams.
+pub async fn ensure_orchestrator(
+    js: &jetstream::Context,
+    s: &Settings,
+    triggers: Vec<String>,
+) -> Result<kv::Store, Error> {
+    ensure_shared(js, s).await?;
+    reconcile(js, work_queue(REQUESTS_STREAM, triggers, s)).await?;
+    reconcile(
+        js,
+        work_queue(TIMERS_STREAM, vec!["saga.timer.>".into()], s),
+    )
+    .await?;
+    reconcile(js, work_queue(OPS_STREAM, vec!["saga.ops.>".into()], s)).await?;
+    reconcile(
+        js,
+        limits(EVENTS_STREAM, "saga.events.>", s.events_max_age, s),
+    )
+    .await?;
+    let bucket = kv::Config {
+        bucket: SAGAS_BUCKET.to_string(),
+        description: "jetsaga saga state, key = saga id".to_string(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: s.replicas,
+        ..Default::default()
+    };
+    js.create_or_update_key_value(bucket)
+        .await
+        .map_err(|e| Error::Bucket {
+            name: SAGAS_BUCKET.into(),
+            source: e.into(),
+        })
+}
+
+/// Creates or updates a durable pull consumer with the settings every jetsaga consumer uses.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    durable: &str,
+    filter: Option<String>,
+    s: &Settings,
+) -> Result<consumer::PullConsumer, Error> {
+    let cfg = consumer::pull::Config {
+        durable_name: Some(durable.to_string()),
+        filter_subject: filter.unwrap_or_default(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: s.ack_wait,
+        max_ack_pending: s.max_ack_pending,
+        // Never give up on a message: a dropped reply would strand a saga. Poison messages are
+        // terminated explicitly by the handlers instead.
+        max_deliver: -1,
+        num_replicas: s.replicas,
+        ..Default::default()
+    };
+    js.create_consumer_on_stream(cfg, stream)
+        .await
+        .map_err(|e| Error::Consumer {
+            stream: stream.into(),
+            name: durable.into(),
+            source: e.into(),
+        })
+}

@@ -1,0 +1,459 @@
+//! The driver: feeds JetStream inputs to the pure engine under the one rule (DESIGN.md §4).
+//!
+//! For every input (request, reply, timer, operator command):
+//! 1. load the saga from KV (value + revision);
+//! 2. if the input was already applied, skip to 4 (only republishing if it is the input that
+//!    produced the current state, i.e. its earlier run may have crashed before publishing);
+//! 3. compute the transition and write it with a revision-checked update (conflict: reload, retry);
+//! 4. publish the commands/timers/events the state implies, awaiting every PubAck;
+//! 5. ack the input.
+//!
+//! A crash anywhere leaves the input unacked; its redelivery finishes the job. No task or memory is
+//! held per saga: a waiting saga is a KV entry and, at most, a timer message.
+
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use async_nats::{
+    header::HeaderMap,
+    jetstream::{
+        self,
+        consumer::PullConsumer,
+        kv::{self, CreateErrorKind, UpdateErrorKind},
+        AckKind, Message,
+    },
+};
+use bytes::Bytes;
+use futures::{future::try_join_all, StreamExt};
+use serde_json::Value;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    definition::{self, Definition, Registry},
+    engine::{self, Effects, Input, Operator, Timer, Transition},
+    state::SagaState,
+};
+use jetsaga_common::{
+    dlq,
+    nats::{self as jsnats, ConnectConfig},
+    protocol::Reply,
+    time::now_ms,
+    topology::{self, Settings},
+};
+
+/// Orchestrator configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats: ConnectConfig,
+    /// Definition files; empty means the built-in order saga.
+    pub definitions: Vec<PathBuf>,
+    pub settings: Settings,
+    /// Inputs handled at once per consumer.
+    pub concurrency: usize,
+    /// Connection name, shown by the server.
+    pub name: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats: ConnectConfig::from_env(),
+            definitions: Vec::new(),
+            settings: Settings::default(),
+            concurrency: 256,
+            name: "jetsaga-orchestrator".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Definition(#[from] definition::Error),
+    #[error("cannot connect to NATS: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error(transparent)]
+    Topology(#[from] topology::Error),
+    #[error("consumer {name}: {source}")]
+    Consume {
+        name: String,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+/// Why an input was not handled.
+#[derive(Debug)]
+enum Fail {
+    /// It can never be handled: dead-letter it with this reason.
+    Bad(String),
+    /// Try again later (NATS trouble); the message is NAKed with a delay.
+    Transient(String),
+}
+
+fn transient(e: impl std::fmt::Display) -> Fail {
+    Fail::Transient(e.to_string())
+}
+
+/// Shared by every handler task.
+struct Ctx {
+    js: jetstream::Context,
+    kv: kv::Store,
+    registry: Registry,
+}
+
+/// Runs the orchestrator until `shutdown` resolves, then finishes the inputs in hand and returns.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+    let registry = Registry::load(&cfg.definitions)?;
+    let client = jsnats::connect(&cfg.nats, &cfg.name).await?;
+    let js = jetstream::new(client.clone());
+    let kv = topology::ensure_orchestrator(&js, &cfg.settings, registry.triggers()).await?;
+    let s = &cfg.settings;
+    let consumers = [
+        (topology::REQUESTS_STREAM, topology::ORCHESTRATOR_REQUESTS_CONSUMER, s.clone()),
+        (topology::REPLIES_STREAM, topology::ORCHESTRATOR_REPLIES_CONSUMER, s.clone()),
+        // Timers stay unacked (NAKed with a delay) until due, so they need far more room.
+        (
+            topology::TIMERS_STREAM,
+            topology::ORCHESTRATOR_TIMERS_CONSUMER,
+            Settings {
+                max_ack_pending: 1_000_000,
+                ..s.clone()
+            },
+        ),
+        (topology::OPS_STREAM, topology::ORCHESTRATOR_OPS_CONSUMER, s.clone()),
+    ];
+    let mut pulls = Vec::new();
+    for (stream, durable, settings) in consumers {
+        let c = topology::ensure_consumer(&js, stream, durable, None, &settings).await?;
+        pulls.push((durable, c));
+    }
+    info!(
+        definitions = ?registry.triggers(),
+        concurrency = cfg.concurrency,
+        "orchestrator ready"
+    );
+    let ctx = Arc::new(Ctx { js, kv, registry });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for (durable, consumer) in pulls {
+        let ctx = ctx.clone();
+        let stop = stop_rx.clone();
+        tasks.push(tokio::spawn(consume(ctx, durable, consumer, cfg.concurrency, stop)));
+    }
+    shutdown.await;
+    info!("shutting down: finishing inputs in hand");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "consumer loop ended with an error"),
+            Err(e) => error!(error = %e, "consumer task panicked"),
+        }
+    }
+    let _ = client.flush().await;
+    info!("orchestrator stopped");
+    Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Pulls from one durable consumer and handles up to `concurrency` messages at once, forever
+/// (re-opening the pull after errors) or until stopped.
+async fn consume(
+    ctx: Arc<Ctx>,
+    durable: &'static str,
+    consumer: PullConsumer,
+    concurrency: usize,
+    stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    while !*stop.borrow() {
+        let messages = match consumer
+            .stream()
+            .max_messages_per_batch(concurrency.max(1))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(consumer = durable, error = %e, "cannot open pull; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stopped(stop.clone()) => break,
+                }
+            }
+        };
+        messages
+            .take_until(stopped(stop.clone()))
+            .for_each_concurrent(concurrency.max(1), |m| {
+                let ctx = ctx.clone();
+                async move {
+                    match m {
+                        Ok(msg) => handle(&ctx, durable, msg).await,
+                        Err(e) => warn!(consumer = durable, error = %e, "pull error"),
+                    }
+                }
+            })
+            .await;
+    }
+    Ok(())
+}
+
+/// Handles one message and settles it: ack, dead-letter + term, or NAK with a delay.
+async fn handle(ctx: &Ctx, durable: &'static str, msg: Message) {
+    let result = match durable {
+        topology::ORCHESTRATOR_REQUESTS_CONSUMER => on_request(ctx, &msg).await,
+        topology::ORCHESTRATOR_REPLIES_CONSUMER => on_reply(ctx, &msg).await,
+        topology::ORCHESTRATOR_TIMERS_CONSUMER => on_timer(ctx, &msg).await,
+        _ => on_operator(ctx, &msg).await,
+    };
+    match result {
+        Ok(Settle::Ack) => {
+            if let Err(e) = msg.ack().await {
+                warn!(subject = %msg.subject, error = %e, "ack failed; the input will be redelivered");
+            }
+        }
+        Ok(Settle::Later(delay)) => {
+            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+        }
+        Err(Fail::Bad(reason)) => {
+            let kind = durable.trim_start_matches("orchestrator-");
+            warn!(subject = %msg.subject, %reason, "input refused; dead-lettering it");
+            if let Err(e) = dlq::dead_letter(&ctx.js, kind, &msg, &reason).await {
+                error!(subject = %msg.subject, error = %e, "cannot dead-letter; it will be redelivered");
+            }
+        }
+        Err(Fail::Transient(reason)) => {
+            warn!(subject = %msg.subject, %reason, "input not handled now; retrying in 1s");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+        }
+    }
+}
+
+/// How a handled input is settled.
+enum Settle {
+    Ack,
+    /// Not due yet: hand it back for this long (a timer).
+    Later(Duration),
+}
+
+fn stream_seq(msg: &Message) -> u64 {
+    msg.info().map(|i| i.stream_sequence).unwrap_or(0)
+}
+
+async fn on_request(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
+    let def = ctx
+        .registry
+        .by_trigger(msg.subject.as_str())
+        .ok_or_else(|| Fail::Bad(format!("no saga definition is triggered by {}", msg.subject)))?;
+    let (saga_id, input) = validate_request(def, &msg.payload).map_err(Fail::Bad)?;
+    let seq = stream_seq(msg);
+    let state = engine::start(def, &saga_id, input, seq, now_ms());
+    match ctx.kv.create(&saga_id, to_bytes(&state)).await {
+        Ok(_) => {
+            info!(saga_id = %saga_id, kind = %def.kind, step = %state.steps[0].name, "saga started");
+            publish_effects(ctx, &engine::effects(def, &state)).await?;
+        }
+        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+            let (existing, _) = load(ctx, &saga_id)
+                .await?
+                .ok_or_else(|| Fail::Transient(format!("saga {saga_id} exists but cannot be read")))?;
+            if existing.request_seq == seq {
+                // Our own earlier attempt created it and may have crashed before publishing.
+                let def = definition_of(ctx, &existing)?;
+                publish_effects(ctx, &engine::effects(def, &existing)).await?;
+            } else {
+                info!(
+                    saga_id = %saga_id, kind = %def.kind, status = existing.status.as_str(),
+                    "request for a saga that already exists; starting nothing"
+                );
+            }
+        }
+        Err(e) => return Err(transient(e)),
+    }
+    Ok(Settle::Ack)
+}
+
+/// Checks a request against its definition and returns the saga id and the stored input (the
+/// request plus derived fields). The error is the dead-letter reason.
+pub fn validate_request(def: &Definition, payload: &[u8]) -> Result<(String, Value), String> {
+    if payload.len() > def.max_request_bytes {
+        return Err(format!(
+            "payload is {} bytes; at most {} are accepted",
+            payload.len(),
+            def.max_request_bytes
+        ));
+    }
+    let mut value: Value =
+        serde_json::from_slice(payload).map_err(|e| format!("payload is not valid JSON: {e}"))?;
+    def.input
+        .validate(&value)
+        .map_err(|e| format!("invalid request: {e}"))?;
+    let saga_id = value[&def.key]
+        .as_str()
+        .ok_or_else(|| format!("invalid request: {} must be a string", def.key))?
+        .to_string();
+    for d in &def.derive {
+        let v = d.compute(&value).map_err(|e| format!("invalid request: {e}"))?;
+        value[&d.name] = v;
+    }
+    Ok((saga_id, value))
+}
+
+async fn on_reply(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
+    let reply: Reply = serde_json::from_slice(&msg.payload)
+        .map_err(|e| Fail::Bad(format!("reply is not a valid reply: {e}")))?;
+    let id = reply.saga_id.clone();
+    let input = Input::Reply(reply);
+    let input_id = input.id(0);
+    apply_input(ctx, &id, input, &input_id).await?;
+    Ok(Settle::Ack)
+}
+
+async fn on_timer(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
+    let timer: Timer = serde_json::from_slice(&msg.payload)
+        .map_err(|e| Fail::Bad(format!("timer is not a valid timer: {e}")))?;
+    let now = now_ms();
+    if timer.due_ms > now {
+        return Ok(Settle::Later(Duration::from_millis(timer.due_ms - now)));
+    }
+    let id = timer.saga_id.clone();
+    let input = Input::Timer(timer);
+    let input_id = input.id(0);
+    apply_input(ctx, &id, input, &input_id).await?;
+    Ok(Settle::Ack)
+}
+
+async fn on_operator(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
+    let saga_id = msg
+        .subject
+        .strip_prefix("saga.ops.")
+        .filter(|id| jetsaga_common::ids::validate(id).is_ok())
+        .ok_or_else(|| Fail::Bad(format!("{} is not saga.ops.<saga_id>", msg.subject)))?
+        .to_string();
+    let op: Operator = serde_json::from_slice(&msg.payload).map_err(|e| {
+        Fail::Bad(format!(
+            "operator command is not valid (want {{\"command\":\"abort\"|\"retry\"}}): {e}"
+        ))
+    })?;
+    info!(saga_id = %saga_id, command = ?op, "operator command");
+    let input = Input::Operator(op);
+    let input_id = input.id(stream_seq(msg));
+    apply_input(ctx, &saga_id, input, &input_id).await?;
+    Ok(Settle::Ack)
+}
+
+fn definition_of<'a>(ctx: &'a Ctx, state: &SagaState) -> Result<&'a Definition, Fail> {
+    ctx.registry.by_kind(&state.kind).ok_or_else(|| {
+        Fail::Bad(format!(
+            "saga {} is of kind {:?}, which this orchestrator has no definition for",
+            state.saga_id, state.kind
+        ))
+    })
+}
+
+async fn load(ctx: &Ctx, saga_id: &str) -> Result<Option<(SagaState, u64)>, Fail> {
+    let Some(entry) = ctx.kv.entry(saga_id).await.map_err(transient)? else {
+        return Ok(None);
+    };
+    if entry.operation != kv::Operation::Put {
+        return Ok(None);
+    }
+    let state: SagaState = serde_json::from_slice(&entry.value)
+        .map_err(|e| Fail::Bad(format!("saga {saga_id}'s stored state is unreadable: {e}")))?;
+    Ok(Some((state, entry.revision)))
+}
+
+/// Most reload-and-retry rounds for one input before it is handed back to the server.
+const MAX_CAS_ROUNDS: usize = 64;
+
+fn is_conflict(e: &kv::UpdateError) -> bool {
+    match e.kind() {
+        UpdateErrorKind::WrongLastRevision => true,
+        // On replicated buckets a lost compare-and-set can arrive as error 10164.
+        UpdateErrorKind::Other => {
+            let text = e.to_string();
+            text.contains("10071") || text.contains("10164") || text.contains("wrong last sequence")
+        }
+        _ => false,
+    }
+}
+
+/// Steps 1–4 of the one rule for a saga that exists.
+async fn apply_input(ctx: &Ctx, saga_id: &str, input: Input, input_id: &str) -> Result<(), Fail> {
+    for _ in 0..MAX_CAS_ROUNDS {
+        let Some((state, revision)) = load(ctx, saga_id).await? else {
+            warn!(saga_id, input = input_id, "input for a saga that does not exist; dropped");
+            return Ok(());
+        };
+        let def = definition_of(ctx, &state)?;
+        match engine::apply(def, &state, &input, input_id, now_ms()) {
+            Transition::Applied(next) => match ctx.kv.update(saga_id, to_bytes(&next), revision).await {
+                Ok(_) => {
+                    log_transition(&state, &next, input_id);
+                    return publish_effects(ctx, &engine::effects(def, &next)).await;
+                }
+                Err(e) if is_conflict(&e) => {
+                    debug!(saga_id, input = input_id, "revision conflict; reloading");
+                    continue;
+                }
+                Err(e) => return Err(transient(e)),
+            },
+            Transition::Ignored(reason) => {
+                debug!(saga_id, input = input_id, %reason, "input ignored");
+                if state.last_input == input_id {
+                    // This input produced the current state; its first run may have stopped
+                    // before publishing, so publish again (duplicates are dropped downstream).
+                    publish_effects(ctx, &engine::effects(def, &state)).await?;
+                }
+                return Ok(());
+            }
+        }
+    }
+    Err(Fail::Transient(format!(
+        "saga {saga_id}: {MAX_CAS_ROUNDS} revision conflicts in a row"
+    )))
+}
+
+fn log_transition(before: &SagaState, after: &SagaState, input: &str) {
+    let step = after.current_step().map(|s| s.name.as_str()).unwrap_or("-");
+    for e in &after.events {
+        let detail = e.detail.as_deref().unwrap_or("");
+        let ev_step = e.step.as_deref().unwrap_or(step);
+        match e.event.as_str() {
+            "stuck" => error!(saga_id = %after.saga_id, kind = %after.kind, step = ev_step, event = %e.event, detail, "saga parked"),
+            _ => info!(saga_id = %after.saga_id, kind = %after.kind, step = ev_step, event = %e.event, detail, status = after.status.as_str(), "saga event"),
+        }
+    }
+    if before.status != after.status {
+        debug!(saga_id = %after.saga_id, from = before.status.as_str(), to = after.status.as_str(), input, "status changed");
+    }
+}
+
+fn to_bytes<T: serde::Serialize>(v: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).expect("state serialises"))
+}
+
+/// Step 4: publish everything the state implies, all at once, and wait for every PubAck.
+async fn publish_effects(ctx: &Ctx, fx: &Effects) -> Result<(), Fail> {
+    let mut pubs = Vec::with_capacity(fx.commands.len() + fx.timers.len() + fx.events.len());
+    for c in &fx.commands {
+        pubs.push((c.subject(), c.msg_id(), to_bytes(c)));
+    }
+    for t in &fx.timers {
+        pubs.push((t.subject(), t.msg_id(), to_bytes(t)));
+    }
+    for e in &fx.events {
+        pubs.push((e.subject.clone(), e.msg_id.clone(), to_bytes(&e.payload)));
+    }
+    try_join_all(pubs.into_iter().map(|(subject, id, payload)| async move {
+        jsnats::publish(&ctx.js, subject, &id, HeaderMap::new(), payload).await
+    }))
+    .await
+    .map(|_| ())
+    .map_err(transient)
+}

@@ -1,0 +1,417 @@
+//! Table-driven scenarios for the pure engine: inputs in, state and effects out, no server.
+//!
+//! Each row feeds one input and states what must follow: the saga status, every step's status as
+//! one letter (P pending, R running, S succeeded, F failed, C compensating, X compensated), and what
+//! is due next (`1a2` = command for step 1's action, attempt 2; `0c1` = step 0's compensation,
+//! attempt 1; `w1a3` = waiting for the back-off before step 1's action attempt 3; `-` = nothing).
+//! A status written `=running` means the input must be ignored and the state left as it was.
+
+use serde_json::json;
+
+use crate::{
+    definition::{Definition, RetryPolicy},
+    engine::{self, apply, effects, start, Input, Operator, Timer, TimerKind, Transition},
+    state::{SagaState, SagaStatus, StepStatus},
+};
+use jetsaga_common::protocol::{Op, Outcome, Reply};
+
+/// Inputs, named by what they are.
+#[derive(Debug, Clone, Copy)]
+enum I {
+    /// Action reply for (step, attempt).
+    Ok(u32, u32),
+    Biz(u32, u32),
+    Tech(u32, u32),
+    Aborted(u32, u32),
+    /// Compensation reply for (step, attempt).
+    COk(u32, u32),
+    CFail(u32, u32),
+    /// Timer for (step, op, attempt), due now.
+    Timeout(u32, Op, u32),
+    RetryDue(u32, Op, u32),
+    /// A timeout that is not due yet.
+    EarlyTimeout(u32, Op, u32),
+    OpAbort,
+    OpRetry,
+    /// A reply from the wrong service for (step, attempt).
+    WrongService(u32, u32),
+}
+
+const A: Op = Op::Action;
+const C: Op = Op::Compensation;
+
+fn def() -> Definition {
+    let mut d = Definition::builtin_order();
+    for s in &mut d.steps {
+        s.retry = RetryPolicy {
+            max_attempts: 3,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 1000,
+            multiplier: 2.0,
+            jitter: 0.0,
+        };
+        s.compensation_retry = RetryPolicy {
+            max_attempts: 2,
+            initial_backoff_ms: 0,
+            max_backoff_ms: 0,
+            multiplier: 1.0,
+            jitter: 0.0,
+        };
+    }
+    d
+}
+
+fn reply(step: u32, op: Op, attempt: u32, outcome: Outcome, service: &str) -> Input {
+    Input::Reply(Reply {
+        saga_id: "o-1".into(),
+        step,
+        op,
+        attempt,
+        service: service.into(),
+        outcome,
+        error: (outcome != Outcome::Success).then(|| "nope".into()),
+        output: None,
+    })
+}
+
+fn to_input(d: &Definition, i: I, now: u64) -> Input {
+    let svc = |s: u32| d.steps[s as usize].service.clone();
+    let timer = |kind, step, op, attempt, due_ms| {
+        Input::Timer(Timer {
+            saga_id: "o-1".into(),
+            kind,
+            step,
+            op,
+            attempt,
+            due_ms,
+        })
+    };
+    match i {
+        I::Ok(s, a) => reply(s, A, a, Outcome::Success, &svc(s)),
+        I::Biz(s, a) => reply(s, A, a, Outcome::BusinessFailure, &svc(s)),
+        I::Tech(s, a) => reply(s, A, a, Outcome::RetryableFailure, &svc(s)),
+        I::Aborted(s, a) => reply(s, A, a, Outcome::Aborted, &svc(s)),
+        I::COk(s, a) => reply(s, C, a, Outcome::Success, &svc(s)),
+        I::CFail(s, a) => reply(s, C, a, Outcome::RetryableFailure, &svc(s)),
+        I::Timeout(s, op, a) => timer(TimerKind::Timeout, s, op, a, now),
+        I::RetryDue(s, op, a) => timer(TimerKind::Retry, s, op, a, now),
+        I::EarlyTimeout(s, op, a) => timer(TimerKind::Timeout, s, op, a, now + 1),
+        I::OpAbort => Input::Operator(Operator::Abort {
+            reason: Some("test".into()),
+        }),
+        I::OpRetry => Input::Operator(Operator::Retry),
+        I::WrongService(s, a) => reply(s, A, a, Outcome::Success, "someone-else"),
+    }
+}
+
+fn steps_code(s: &SagaState) -> String {
+    s.steps
+        .iter()
+        .map(|st| match st.status {
+            StepStatus::Pending => 'P',
+            StepStatus::Running => 'R',
+            StepStatus::Succeeded => 'S',
+            StepStatus::Failed => 'F',
+            StepStatus::Compensating => 'C',
+            StepStatus::Compensated => 'X',
+        })
+        .collect()
+}
+
+fn due_code(d: &Definition, s: &SagaState) -> String {
+    let fx = effects(d, s);
+    if let Some(c) = fx.commands.first() {
+        assert_eq!(fx.commands.len(), 1, "one command at a time");
+        let t = &fx.timers[0];
+        assert_eq!(t.kind, TimerKind::Timeout, "a dispatched command has a timeout timer");
+        assert_eq!((t.step, t.op, t.attempt), (c.step, c.op, c.attempt));
+        let o = if c.op == A { 'a' } else { 'c' };
+        return format!("{}{o}{}", c.step, c.attempt);
+    }
+    if let Some(t) = fx.timers.first() {
+        assert_eq!(t.kind, TimerKind::Retry);
+        let o = if t.op == A { 'a' } else { 'c' };
+        return format!("w{}{o}{}", t.step, t.attempt + 1);
+    }
+    "-".into()
+}
+
+type Row = (I, &'static str, &'static str, &'static str);
+
+fn run(name: &str, rows: &[Row]) -> SagaState {
+    let d = def();
+    let input = json!({"order_id":"o-1","customer_id":"c-1","items":[],"amount_cents":5});
+    let mut now = 1_000_000;
+    let mut s = start(&d, "o-1", input, 7, now);
+    assert_eq!(s.status, SagaStatus::Running);
+    assert_eq!(steps_code(&s), "RPPP", "{name}: start");
+    assert_eq!(due_code(&d, &s), "0a1", "{name}: start");
+    for (n, (i, status, steps, due)) in rows.iter().enumerate() {
+        now += 1000;
+        let input = to_input(&d, *i, now);
+        let id = input.id(n as u64);
+        let ctx = format!("{name}, row {n} ({i:?})");
+        match apply(&d, &s, &input, &id, now) {
+            Transition::Applied(next) => {
+                assert!(!status.starts_with('='), "{ctx}: should be ignored, got {:?}", next.status);
+                assert_eq!(next.version, s.version + 1, "{ctx}");
+                assert_eq!(next.last_input, id, "{ctx}");
+                s = next;
+                assert_eq!(s.status.as_str(), *status, "{ctx}");
+            }
+            Transition::Ignored(reason) => {
+                assert!(status.starts_with('='), "{ctx}: ignored ({reason}), expected {status}");
+                assert_eq!(s.status.as_str(), &status[1..], "{ctx}");
+            }
+        }
+        assert_eq!(steps_code(&s), *steps, "{ctx}");
+        assert_eq!(due_code(&d, &s), *due, "{ctx}");
+    }
+    s
+}
+
+#[test]
+fn happy_path_completes() {
+    let s = run(
+        "happy",
+        &[
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+            (I::Ok(1, 1), "running", "SSRP", "2a1"),
+            (I::Ok(2, 1), "running", "SSSR", "3a1"),
+            (I::Ok(3, 1), "completed", "SSSS", "-"),
+            // Everything after the end is ignored.
+            (I::Ok(3, 1), "=completed", "SSSS", "-"),
+            (I::Timeout(3, A, 1), "=completed", "SSSS", "-"),
+            (I::OpAbort, "=completed", "SSSS", "-"),
+            (I::OpRetry, "=completed", "SSSS", "-"),
+        ],
+    );
+    assert!(s.failure.is_none());
+    let events: Vec<_> = s.events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(events, ["step_succeeded", "completed"]);
+}
+
+#[test]
+fn payment_refused_cancels_the_order() {
+    let s = run(
+        "balance",
+        &[
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+            (I::Biz(1, 1), "compensating", "SCPP", "1c1"),
+            // The failed step is compensated too (a no-op at the barrier), then the order.
+            (I::COk(1, 1), "compensating", "CXPP", "0c1"),
+            (I::COk(0, 1), "compensated", "XXPP", "-"),
+        ],
+    );
+    let f = s.failure.unwrap();
+    assert_eq!(f.step, "payment.deduct");
+    assert_eq!(f.reason, "nope");
+}
+
+#[test]
+fn stock_short_refunds_then_cancels() {
+    run(
+        "stock",
+        &[
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+            (I::Ok(1, 1), "running", "SSRP", "2a1"),
+            (I::Biz(2, 1), "compensating", "SSCP", "2c1"),
+            (I::COk(2, 1), "compensating", "SCXP", "1c1"),
+            (I::COk(1, 1), "compensating", "CXXP", "0c1"),
+            (I::COk(0, 1), "compensated", "XXXP", "-"),
+        ],
+    );
+}
+
+#[test]
+fn last_step_without_compensation_fails_into_the_others() {
+    run(
+        "approve fails",
+        &[
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+            (I::Ok(1, 1), "running", "SSRP", "2a1"),
+            (I::Ok(2, 1), "running", "SSSR", "3a1"),
+            // order.approve has no compensation: the compensations start below it.
+            (I::Aborted(3, 1), "compensating", "SSCF", "2c1"),
+            (I::COk(2, 1), "compensating", "SCXF", "1c1"),
+            (I::COk(1, 1), "compensating", "CXXF", "0c1"),
+            (I::COk(0, 1), "compensated", "XXXF", "-"),
+        ],
+    );
+}
+
+#[test]
+fn duplicates_and_stale_inputs_are_ignored() {
+    run(
+        "stale",
+        &[
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+            (I::Ok(0, 1), "=running", "SRPP", "1a1"),
+            (I::Biz(0, 1), "=running", "SRPP", "1a1"),
+            (I::Ok(1, 2), "=running", "SRPP", "1a1"),
+            (I::COk(1, 1), "=running", "SRPP", "1a1"),
+            (I::Timeout(0, A, 1), "=running", "SRPP", "1a1"),
+            (I::RetryDue(1, A, 1), "=running", "SRPP", "1a1"),
+            (I::EarlyTimeout(1, A, 1), "=running", "SRPP", "1a1"),
+            (I::WrongService(1, 1), "=running", "SRPP", "1a1"),
+            (I::Ok(1, 1), "running", "SSRP", "2a1"),
+        ],
+    );
+}
+
+#[test]
+fn retryable_failures_back_off_then_succeed() {
+    let s = run(
+        "retry",
+        &[
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+            (I::Tech(1, 1), "running", "SRPP", "w1a2"),
+            // While waiting, a duplicate of the failed reply or its timeout change nothing.
+            (I::Tech(1, 1), "=running", "SRPP", "w1a2"),
+            (I::Timeout(1, A, 1), "=running", "SRPP", "w1a2"),
+            (I::RetryDue(1, A, 1), "running", "SRPP", "1a2"),
+            (I::RetryDue(1, A, 1), "=running", "SRPP", "1a2"),
+            (I::Tech(1, 2), "running", "SRPP", "w1a3"),
+            (I::RetryDue(1, A, 2), "running", "SRPP", "1a3"),
+            (I::Ok(1, 3), "running", "SSRP", "2a1"),
+        ],
+    );
+    assert_eq!(s.steps[1].attempts, 3);
+}
+
+#[test]
+fn retryable_failures_past_the_policy_compensate() {
+    let s = run(
+        "retry exhausted",
+        &[
+            (I::Tech(0, 1), "running", "RPPP", "w0a2"),
+            (I::RetryDue(0, A, 1), "running", "RPPP", "0a2"),
+            (I::Tech(0, 2), "running", "RPPP", "w0a3"),
+            (I::RetryDue(0, A, 2), "running", "RPPP", "0a3"),
+            (I::Tech(0, 3), "compensating", "CPPP", "0c1"),
+            (I::COk(0, 1), "compensated", "XPPP", "-"),
+        ],
+    );
+    assert!(s.failure.unwrap().reason.starts_with("gave up after 3 attempts"));
+}
+
+#[test]
+fn a_timed_out_step_is_compensated() {
+    let s = run(
+        "timeout",
+        &[
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+            (I::Timeout(1, A, 1), "compensating", "SCPP", "1c1"),
+            // The late reply of the timed-out action changes nothing.
+            (I::Ok(1, 1), "=compensating", "SCPP", "1c1"),
+            (I::COk(1, 1), "compensating", "CXPP", "0c1"),
+            (I::COk(0, 1), "compensated", "XXPP", "-"),
+        ],
+    );
+    assert!(s.failure.unwrap().reason.starts_with("timed out after 10000 ms"));
+}
+
+#[test]
+fn failing_compensation_parks_then_operator_retry_resumes() {
+    let s = run(
+        "stuck",
+        &[
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+            (I::Biz(1, 1), "compensating", "SCPP", "1c1"),
+            (I::COk(1, 1), "compensating", "CXPP", "0c1"),
+            // Zero back-off in this policy: the retry goes out at once.
+            (I::CFail(0, 1), "compensating", "CXPP", "0c2"),
+            (I::Timeout(0, C, 2), "stuck", "CXPP", "-"),
+            (I::CFail(0, 2), "=stuck", "CXPP", "-"),
+            (I::OpAbort, "=stuck", "CXPP", "-"),
+            (I::OpRetry, "compensating", "CXPP", "0c3"),
+            (I::OpRetry, "=compensating", "CXPP", "0c3"),
+            (I::COk(0, 3), "compensated", "XXPP", "-"),
+        ],
+    );
+    assert!(s.stuck.is_none());
+    assert_eq!(s.steps[0].compensation_attempts, 3);
+}
+
+#[test]
+fn stuck_state_records_step_error_and_attempts() {
+    let s = run(
+        "stuck record",
+        &[
+            (I::Biz(0, 1), "compensating", "CPPP", "0c1"),
+            (I::CFail(0, 1), "compensating", "CPPP", "0c2"),
+            (I::CFail(0, 2), "stuck", "CPPP", "-"),
+        ],
+    );
+    let st = s.stuck.unwrap();
+    assert_eq!((st.step.as_str(), st.last_error.as_str(), st.attempts), ("order.create", "nope", 2));
+    assert_eq!(s.events.last().unwrap().event, "stuck");
+}
+
+#[test]
+fn operator_abort_compensates_a_running_saga() {
+    let s = run(
+        "abort",
+        &[
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+            (I::Ok(1, 1), "running", "SSRP", "2a1"),
+            (I::OpAbort, "compensating", "SSCP", "2c1"),
+            (I::OpAbort, "=compensating", "SSCP", "2c1"),
+            (I::Ok(2, 1), "=compensating", "SSCP", "2c1"),
+            (I::COk(2, 1), "compensating", "SCXP", "1c1"),
+            (I::COk(1, 1), "compensating", "CXXP", "0c1"),
+            (I::COk(0, 1), "compensated", "XXXP", "-"),
+        ],
+    );
+    assert_eq!(s.failure.unwrap().reason, "aborted by operator: test");
+}
+
+#[test]
+fn effects_are_derived_from_state_with_stable_ids() {
+    let d = def();
+    let s = start(&d, "o-1", json!({"order_id":"o-1"}), 3, 5_000);
+    let fx = effects(&d, &s);
+    assert_eq!(fx.commands[0].msg_id(), "o-1.0.create.1");
+    assert_eq!(fx.commands[0].subject(), "saga.cmd.order.create");
+    assert_eq!(fx.timers[0].due_ms, 15_000);
+    assert_eq!(fx.timers[0].msg_id(), "o-1.0.action.1.timeout");
+    assert_eq!(fx.events[0].subject, "saga.events.o-1.started");
+    // The same state always implies the same effects.
+    assert_eq!(fx, effects(&d, &s));
+    assert_eq!(s.last_input, engine::request_input_id(3));
+}
+
+#[test]
+fn backoff_grows_caps_and_jitters_within_bounds() {
+    let p = RetryPolicy {
+        max_attempts: 10,
+        initial_backoff_ms: 100,
+        max_backoff_ms: 1000,
+        multiplier: 2.0,
+        jitter: 0.2,
+    };
+    let table = [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (9, 1000)];
+    for (failed, base) in table {
+        assert_eq!(engine::backoff_ms(&p, failed, 0.5), base, "no jitter at the midpoint");
+        let lo = engine::backoff_ms(&p, failed, 0.0);
+        let hi = engine::backoff_ms(&p, failed, 0.999_999);
+        assert!(lo as f64 >= base as f64 * 0.8 - 1.0, "{failed}: {lo}");
+        assert!(hi <= 1000 && hi as f64 <= base as f64 * 1.2 + 1.0, "{failed}: {hi}");
+    }
+    let no_jitter = RetryPolicy { jitter: 0.0, ..p };
+    assert_eq!(engine::backoff_ms(&no_jitter, 3, 0.9), 400);
+}
+
+#[test]
+fn retry_delay_is_recorded_in_the_state() {
+    let mut d = def();
+    d.steps[0].retry.jitter = 0.5;
+    let s = start(&d, "o-1", json!({}), 1, 10_000);
+    let input = to_input(&d, I::Tech(0, 1), 11_000);
+    let Transition::Applied(next) = apply(&d, &s, &input, "x", 11_000) else {
+        panic!("applied")
+    };
+    let at = next.steps[0].retry_at_ms.unwrap();
+    assert!((11_050..=11_150).contains(&at), "{at}");
+    assert_eq!(effects(&d, &next).timers[0].due_ms, at);
+}

@@ -1,0 +1,70 @@
+//! `jetsaga-orchestrator`: runs saga definitions over NATS JetStream until Ctrl-C or SIGTERM.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use jetsaga_common::{nats::ConnectConfig, topology::Settings};
+use jetsaga_orchestrator::driver::{self, Config};
+
+/// jetsaga's saga orchestrator.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// NATS user.
+    #[arg(long, env = "NATS_USER")]
+    nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// Saga definition files (JSON). Without any, the built-in order saga runs.
+    #[arg(long = "definition", env = "JETSAGA_DEFINITIONS", value_delimiter = ',')]
+    definitions: Vec<PathBuf>,
+    /// Inputs handled at once per consumer.
+    #[arg(long, env = "JETSAGA_CONCURRENCY", default_value_t = 256)]
+    concurrency: usize,
+    /// Replicas for streams and the bucket (3 on a 3-node cluster).
+    #[arg(long, env = "JETSAGA_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+    /// Seconds before an unacked input is redelivered.
+    #[arg(long, env = "JETSAGA_ACK_WAIT_SECS", default_value_t = 30)]
+    ack_wait_secs: u64,
+    /// Connection name shown by the server.
+    #[arg(long, env = "JETSAGA_NAME", default_value = "jetsaga-orchestrator")]
+    name: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    jetsaga_common::telemetry::init("orchestrator");
+    let a = Args::parse();
+    let cfg = Config {
+        nats: ConnectConfig {
+            url: a.nats_url,
+            user: a.nats_user,
+            password: a.nats_password,
+        },
+        definitions: a.definitions,
+        settings: Settings {
+            replicas: a.replicas,
+            ack_wait: std::time::Duration::from_secs(a.ack_wait_secs),
+            ..Settings::default()
+        },
+        concurrency: a.concurrency,
+        name: a.name,
+    };
+    driver::run(cfg, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}
