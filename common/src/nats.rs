@@ -34,7 +34,9 @@ impl ConnectConfig {
         ConnectConfig {
             url: std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
             user: std::env::var("NATS_USER").ok().filter(|s| !s.is_empty()),
-            password: std::env::var("NATS_PASSWORD").ok().filter(|s| !s.is_empty()),
+            password: std::env::var("NATS_PASSWORD")
+                .ok()
+                .filter(|s| !s.is_empty()),
         }
     }
 }
@@ -56,7 +58,7 @@ pub async fn connect(cfg: &ConnectConfig, name: &str) -> Result<Client, async_na
                         tracing::error!(process = %who, error = %err, "nats server error")
                     }
                     Event::ClientError(err) => {
-                        tracing::error!(process = %who, error = %err, "nats client error")
+                        tracing::warn!(process = %who, error = %err, "nats client error")
                     }
                     Event::SlowConsumer(sid) => {
                         tracing::warn!(process = %who, sid, "nats slow consumer")

@@ -102,7 +102,12 @@ pub struct Reply {
 
 impl Reply {
     /// A reply to `cmd` with the given outcome.
-    pub fn to(cmd: &Command, outcome: Outcome, error: Option<String>, output: Option<Value>) -> Self {
+    pub fn to(
+        cmd: &Command,
+        outcome: Outcome,
+        error: Option<String>,
+        output: Option<Value>,
+    ) -> Self {
         Reply {
             saga_id: cmd.saga_id.clone(),
             step: cmd.step,
@@ -189,7 +194,12 @@ mod tests {
         let text = serde_json::to_string(&c).unwrap();
         assert!(text.contains(r#""op":"action""#));
         assert_eq!(serde_json::from_str::<Command>(&text).unwrap(), c);
-        let r = Reply::to(&c, Outcome::BusinessFailure, Some("balance too low".into()), None);
+        let r = Reply::to(
+            &c,
+            Outcome::BusinessFailure,
+            Some("balance too low".into()),
+            None,
+        );
         let text = serde_json::to_string(&r).unwrap();
         assert!(text.contains(r#""outcome":"business_failure""#));
         assert!(!text.contains("output"));

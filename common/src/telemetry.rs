@@ -5,7 +5,9 @@ use tracing_subscriber::{fmt, EnvFilter};
 
 pub fn init(process: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("LOG_FORMAT").map(|v| v == "json").unwrap_or(false);
+    let json = std::env::var("LOG_FORMAT")
+        .map(|v| v == "json")
+        .unwrap_or(false);
     let builder = fmt().with_env_filter(filter).with_target(false);
     let result = if json {
         builder.json().flatten_event(true).try_init()

@@ -93,8 +93,13 @@ impl NatsServer {
 
     fn launch(&mut self) {
         let log = File::create(self.store.path().join("server.log")).expect("log file");
+        // The repo's nats.conf, so tests run the configuration that ships; a random monitoring
+        // port so parallel tests do not collide.
+        let conf = workspace_root().join("nats.conf");
         let child = Command::new(nats_server_bin())
-            .arg("-js")
+            .arg("-c")
+            .arg(conf)
+            .args(["-m", "-1"])
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("-sd")
             .arg(self.store.path())

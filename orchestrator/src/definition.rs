@@ -178,7 +178,10 @@ impl Definition {
             return Err("has no steps".into());
         }
         if self.steps.len() > 64 {
-            return Err(format!("has {} steps; at most 64 are allowed", self.steps.len()));
+            return Err(format!(
+                "has {} steps; at most 64 are allowed",
+                self.steps.len()
+            ));
         }
         let mut names = HashSet::new();
         for (i, s) in self.steps.iter().enumerate() {
@@ -190,14 +193,22 @@ impl Definition {
                 return Err(format!("{at}: name is used twice"));
             }
             if !validate_name(&s.service) {
-                return Err(format!("{at}: service {:?} must be 1-32 characters of [a-z0-9_-]", s.service));
+                return Err(format!(
+                    "{at}: service {:?} must be 1-32 characters of [a-z0-9_-]",
+                    s.service
+                ));
             }
             if !validate_name(&s.action) {
-                return Err(format!("{at}: action {:?} must be 1-32 characters of [a-z0-9_-]", s.action));
+                return Err(format!(
+                    "{at}: action {:?} must be 1-32 characters of [a-z0-9_-]",
+                    s.action
+                ));
             }
             if let Some(c) = &s.compensation {
                 if !validate_name(c) {
-                    return Err(format!("{at}: compensation {c:?} must be 1-32 characters of [a-z0-9_-]"));
+                    return Err(format!(
+                        "{at}: compensation {c:?} must be 1-32 characters of [a-z0-9_-]"
+                    ));
                 }
                 if c == &s.action {
                     return Err(format!("{at}: compensation must differ from the action"));
@@ -206,7 +217,10 @@ impl Definition {
             if s.timeout_ms == 0 {
                 return Err(format!("{at}: timeout_ms must be > 0"));
             }
-            for (what, p) in [("retry", &s.retry), ("compensation_retry", &s.compensation_retry)] {
+            for (what, p) in [
+                ("retry", &s.retry),
+                ("compensation_retry", &s.compensation_retry),
+            ] {
                 if p.max_attempts == 0 {
                     return Err(format!("{at}: {what}.max_attempts must be >= 1"));
                 }
@@ -217,7 +231,9 @@ impl Definition {
                     return Err(format!("{at}: {what}.jitter must be within 0..=1"));
                 }
                 if p.max_backoff_ms < p.initial_backoff_ms {
-                    return Err(format!("{at}: {what}.max_backoff_ms must be >= initial_backoff_ms"));
+                    return Err(format!(
+                        "{at}: {what}.max_backoff_ms must be >= initial_backoff_ms"
+                    ));
                 }
             }
         }
@@ -225,7 +241,10 @@ impl Definition {
         for d in &self.derive {
             if let Schema::Object { fields, .. } = &self.input {
                 if fields.contains_key(&d.name) {
-                    return Err(format!("derived field {:?} clashes with an input field", d.name));
+                    return Err(format!(
+                        "derived field {:?} clashes with an input field",
+                        d.name
+                    ));
                 }
             }
             if !derived.insert(d.name.as_str()) {
@@ -305,7 +324,12 @@ mod tests {
         let names: Vec<_> = d.steps.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
-            ["order.create", "payment.deduct", "inventory.reserve", "order.approve"]
+            [
+                "order.create",
+                "payment.deduct",
+                "inventory.reserve",
+                "order.approve"
+            ]
         );
         assert_eq!(d.steps[0].compensation.as_deref(), Some("cancel"));
         assert_eq!(d.steps[3].compensation, None);
@@ -319,27 +343,69 @@ mod tests {
 
     #[test]
     fn rejects_invalid_definitions_clearly() {
-        let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
-            (Box::new(|v| v["steps"] = serde_json::json!([])), "has no steps"),
-            (Box::new(|v| v["kind"] = "Order".into()), "kind \"Order\" must be"),
-            (Box::new(|v| v["trigger"] = "orders.*".into()), "trigger \"orders.*\" must be a literal subject"),
-            (Box::new(|v| v["trigger"] = "saga.x".into()), "outside saga.>"),
-            (Box::new(|v| v["key"] = "nope".into()), "key \"nope\" must be a required"),
-            (Box::new(|v| v["key"] = "items".into()), "key \"items\" must be a required"),
-            (Box::new(|v| v["steps"][1]["name"] = "order.create".into()), "step 1 (\"order.create\"): name is used twice"),
-            (Box::new(|v| v["steps"][1]["service"] = "pay.ment".into()), "service \"pay.ment\" must be"),
-            (Box::new(|v| v["steps"][1]["compensation"] = "deduct".into()), "compensation must differ"),
-            (Box::new(|v| v["steps"][1]["timeout_ms"] = 0.into()), "timeout_ms must be > 0"),
-            (Box::new(|v| v["steps"][1]["retry"] = serde_json::json!({"max_attempts": 0})), "retry.max_attempts must be >= 1"),
-            (Box::new(|v| v["steps"][1]["retry"] = serde_json::json!({"jitter": 2.0})), "retry.jitter must be within"),
-            (Box::new(|v| v["derive"][0]["name"] = "items".into()), "clashes with an input field"),
+        type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|v| v["steps"] = serde_json::json!([])),
+                "has no steps",
+            ),
+            (
+                Box::new(|v| v["kind"] = "Order".into()),
+                "kind \"Order\" must be",
+            ),
+            (
+                Box::new(|v| v["trigger"] = "orders.*".into()),
+                "trigger \"orders.*\" must be a literal subject",
+            ),
+            (
+                Box::new(|v| v["trigger"] = "saga.x".into()),
+                "outside saga.>",
+            ),
+            (
+                Box::new(|v| v["key"] = "nope".into()),
+                "key \"nope\" must be a required",
+            ),
+            (
+                Box::new(|v| v["key"] = "items".into()),
+                "key \"items\" must be a required",
+            ),
+            (
+                Box::new(|v| v["steps"][1]["name"] = "order.create".into()),
+                "step 1 (\"order.create\"): name is used twice",
+            ),
+            (
+                Box::new(|v| v["steps"][1]["service"] = "pay.ment".into()),
+                "service \"pay.ment\" must be",
+            ),
+            (
+                Box::new(|v| v["steps"][1]["compensation"] = "deduct".into()),
+                "compensation must differ",
+            ),
+            (
+                Box::new(|v| v["steps"][1]["timeout_ms"] = 0.into()),
+                "timeout_ms must be > 0",
+            ),
+            (
+                Box::new(|v| v["steps"][1]["retry"] = serde_json::json!({"max_attempts": 0})),
+                "retry.max_attempts must be >= 1",
+            ),
+            (
+                Box::new(|v| v["steps"][1]["retry"] = serde_json::json!({"jitter": 2.0})),
+                "retry.jitter must be within",
+            ),
+            (
+                Box::new(|v| v["derive"][0]["name"] = "items".into()),
+                "clashes with an input field",
+            ),
         ];
         for (edit, want) in cases {
             let err = with(edit).unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} should contain {want:?}");
         }
         // Unknown fields and wrong types are parse errors that name the field.
-        let err = with(|v| v["steps"][0]["retires"] = 3.into()).unwrap_err().to_string();
+        let err = with(|v| v["steps"][0]["retires"] = 3.into())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `retires`"), "{err}");
         let err = Definition::from_json("{", "x").unwrap_err().to_string();
         assert!(err.contains("not valid JSON"), "{err}");

@@ -110,8 +110,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     let kv = topology::ensure_orchestrator(&js, &cfg.settings, registry.triggers()).await?;
     let s = &cfg.settings;
     let consumers = [
-        (topology::REQUESTS_STREAM, topology::ORCHESTRATOR_REQUESTS_CONSUMER, s.clone()),
-        (topology::REPLIES_STREAM, topology::ORCHESTRATOR_REPLIES_CONSUMER, s.clone()),
+        (
+            topology::REQUESTS_STREAM,
+            topology::ORCHESTRATOR_REQUESTS_CONSUMER,
+            s.clone(),
+        ),
+        (
+            topology::REPLIES_STREAM,
+            topology::ORCHESTRATOR_REPLIES_CONSUMER,
+            s.clone(),
+        ),
         // Timers stay unacked (NAKed with a delay) until due, so they need far more room.
         (
             topology::TIMERS_STREAM,
@@ -121,7 +129,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
                 ..s.clone()
             },
         ),
-        (topology::OPS_STREAM, topology::ORCHESTRATOR_OPS_CONSUMER, s.clone()),
+        (
+            topology::OPS_STREAM,
+            topology::ORCHESTRATOR_OPS_CONSUMER,
+            s.clone(),
+        ),
     ];
     let mut pulls = Vec::new();
     for (stream, durable, settings) in consumers {
@@ -139,7 +151,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     for (durable, consumer) in pulls {
         let ctx = ctx.clone();
         let stop = stop_rx.clone();
-        tasks.push(tokio::spawn(consume(ctx, durable, consumer, cfg.concurrency, stop)));
+        tasks.push(tokio::spawn(consume(
+            ctx,
+            durable,
+            consumer,
+            cfg.concurrency,
+            stop,
+        )));
     }
     shutdown.await;
     info!("shutting down: finishing inputs in hand");
@@ -229,7 +247,9 @@ async fn handle(ctx: &Ctx, durable: &'static str, msg: Message) {
         }
         Err(Fail::Transient(reason)) => {
             warn!(subject = %msg.subject, %reason, "input not handled now; retrying in 1s");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
         }
     }
 }
@@ -249,7 +269,12 @@ async fn on_request(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
     let def = ctx
         .registry
         .by_trigger(msg.subject.as_str())
-        .ok_or_else(|| Fail::Bad(format!("no saga definition is triggered by {}", msg.subject)))?;
+        .ok_or_else(|| {
+            Fail::Bad(format!(
+                "no saga definition is triggered by {}",
+                msg.subject
+            ))
+        })?;
     let (saga_id, input) = validate_request(def, &msg.payload).map_err(Fail::Bad)?;
     let seq = stream_seq(msg);
     let state = engine::start(def, &saga_id, input, seq, now_ms());
@@ -259,9 +284,9 @@ async fn on_request(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
             publish_effects(ctx, &engine::effects(def, &state)).await?;
         }
         Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-            let (existing, _) = load(ctx, &saga_id)
-                .await?
-                .ok_or_else(|| Fail::Transient(format!("saga {saga_id} exists but cannot be read")))?;
+            let (existing, _) = load(ctx, &saga_id).await?.ok_or_else(|| {
+                Fail::Transient(format!("saga {saga_id} exists but cannot be read"))
+            })?;
             if existing.request_seq == seq {
                 // Our own earlier attempt created it and may have crashed before publishing.
                 let def = definition_of(ctx, &existing)?;
@@ -298,7 +323,9 @@ pub fn validate_request(def: &Definition, payload: &[u8]) -> Result<(String, Val
         .ok_or_else(|| format!("invalid request: {} must be a string", def.key))?
         .to_string();
     for d in &def.derive {
-        let v = d.compute(&value).map_err(|e| format!("invalid request: {e}"))?;
+        let v = d
+            .compute(&value)
+            .map_err(|e| format!("invalid request: {e}"))?;
         value[&d.name] = v;
     }
     Ok((saga_id, value))
@@ -387,22 +414,28 @@ fn is_conflict(e: &kv::UpdateError) -> bool {
 async fn apply_input(ctx: &Ctx, saga_id: &str, input: Input, input_id: &str) -> Result<(), Fail> {
     for _ in 0..MAX_CAS_ROUNDS {
         let Some((state, revision)) = load(ctx, saga_id).await? else {
-            warn!(saga_id, input = input_id, "input for a saga that does not exist; dropped");
+            warn!(
+                saga_id,
+                input = input_id,
+                "input for a saga that does not exist; dropped"
+            );
             return Ok(());
         };
         let def = definition_of(ctx, &state)?;
         match engine::apply(def, &state, &input, input_id, now_ms()) {
-            Transition::Applied(next) => match ctx.kv.update(saga_id, to_bytes(&next), revision).await {
-                Ok(_) => {
-                    log_transition(&state, &next, input_id);
-                    return publish_effects(ctx, &engine::effects(def, &next)).await;
+            Transition::Applied(next) => {
+                match ctx.kv.update(saga_id, to_bytes(&next), revision).await {
+                    Ok(_) => {
+                        log_transition(&state, &next, input_id);
+                        return publish_effects(ctx, &engine::effects(def, &next)).await;
+                    }
+                    Err(e) if is_conflict(&e) => {
+                        debug!(saga_id, input = input_id, "revision conflict; reloading");
+                        continue;
+                    }
+                    Err(e) => return Err(transient(e)),
                 }
-                Err(e) if is_conflict(&e) => {
-                    debug!(saga_id, input = input_id, "revision conflict; reloading");
-                    continue;
-                }
-                Err(e) => return Err(transient(e)),
-            },
+            }
             Transition::Ignored(reason) => {
                 debug!(saga_id, input = input_id, %reason, "input ignored");
                 if state.last_input == input_id {
@@ -425,8 +458,12 @@ fn log_transition(before: &SagaState, after: &SagaState, input: &str) {
         let detail = e.detail.as_deref().unwrap_or("");
         let ev_step = e.step.as_deref().unwrap_or(step);
         match e.event.as_str() {
-            "stuck" => error!(saga_id = %after.saga_id, kind = %after.kind, step = ev_step, event = %e.event, detail, "saga parked"),
-            _ => info!(saga_id = %after.saga_id, kind = %after.kind, step = ev_step, event = %e.event, detail, status = after.status.as_str(), "saga event"),
+            "stuck" => {
+                error!(saga_id = %after.saga_id, kind = %after.kind, step = ev_step, event = %e.event, detail, "saga parked")
+            }
+            _ => {
+                info!(saga_id = %after.saga_id, kind = %after.kind, step = ev_step, event = %e.event, detail, status = after.status.as_str(), "saga event")
+            }
         }
     }
     if before.status != after.status {

@@ -101,7 +101,7 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
     /// Write this state (then publish its effects).
-    Applied(SagaState),
+    Applied(Box<SagaState>),
     /// Nothing changes; the reason says why (stale, duplicate, not due, ...).
     Ignored(String),
 }
@@ -131,7 +131,13 @@ fn event(name: &str, step: Option<&str>, detail: Option<String>) -> EventRecord 
 }
 
 /// The state of a new saga, its first step dispatched.
-pub fn start(def: &Definition, saga_id: &str, input: Value, request_seq: u64, now: u64) -> SagaState {
+pub fn start(
+    def: &Definition,
+    saga_id: &str,
+    input: Value,
+    request_seq: u64,
+    now: u64,
+) -> SagaState {
     let at = rfc3339(now);
     let steps = def
         .steps
@@ -196,7 +202,13 @@ impl Input {
 
 /// Applies one input. Pure: the same state, input and time give the same result. `input_id`
 /// (see [`Input::id`]) is recorded in the new state's `last_input`.
-pub fn apply(def: &Definition, state: &SagaState, input: &Input, input_id: &str, now: u64) -> Transition {
+pub fn apply(
+    def: &Definition,
+    state: &SagaState,
+    input: &Input,
+    input_id: &str,
+    now: u64,
+) -> Transition {
     let mut s = state.clone();
     s.events.clear();
     s.last_input = input_id.to_string();
@@ -210,7 +222,7 @@ pub fn apply(def: &Definition, state: &SagaState, input: &Input, input_id: &str,
             s.version += 1;
             s.updated_ms = now;
             s.updated_at = rfc3339(now);
-            Transition::Applied(s)
+            Transition::Applied(Box::new(s))
         }
         Err(reason) => Transition::Ignored(reason),
     }
@@ -270,13 +282,30 @@ fn on_reply(def: &Definition, s: &mut SagaState, r: &Reply, now: u64) -> Result<
                 dispatch(s, i + 1, Op::Action, now);
             }
         }
-        (Op::Action, Outcome::BusinessFailure | Outcome::Aborted) => fail_step(def, s, i, error, now),
+        (Op::Action, Outcome::BusinessFailure | Outcome::Aborted) => {
+            fail_step(def, s, i, error, now)
+        }
         (Op::Action, Outcome::RetryableFailure) => {
             let policy = &def.steps[i].retry;
-            retry_or(def, s, i, Op::Action, policy, error, now, |def, s, i, err, now| {
-                let attempts = s.steps[i].attempts;
-                fail_step(def, s, i, format!("gave up after {attempts} attempts: {err}"), now)
-            });
+            retry_or(
+                def,
+                s,
+                i,
+                Op::Action,
+                policy,
+                error,
+                now,
+                |def, s, i, err, now| {
+                    let attempts = s.steps[i].attempts;
+                    fail_step(
+                        def,
+                        s,
+                        i,
+                        format!("gave up after {attempts} attempts: {err}"),
+                        now,
+                    )
+                },
+            );
         }
         (Op::Compensation, Outcome::Success) => {
             let st = &mut s.steps[i];
@@ -316,7 +345,9 @@ fn on_timer(def: &Definition, s: &mut SagaState, t: &Timer, now: u64) -> Result<
             }
             Ok(())
         }
-        (TimerKind::Retry, false) => Err("stale retry timer: the attempt is already dispatched".into()),
+        (TimerKind::Retry, false) => {
+            Err("stale retry timer: the attempt is already dispatched".into())
+        }
         (TimerKind::Timeout, true) => Err("stale timeout: the attempt already failed".into()),
     }
 }
@@ -325,7 +356,10 @@ fn on_operator(def: &Definition, s: &mut SagaState, o: &Operator, now: u64) -> R
     match o {
         Operator::Abort { reason } => {
             let Some((i, Op::Action)) = s.awaiting() else {
-                return Err(format!("only a running saga can be aborted; it is {}", s.status.as_str()));
+                return Err(format!(
+                    "only a running saga can be aborted; it is {}",
+                    s.status.as_str()
+                ));
             };
             let why = reason.clone().unwrap_or_else(|| "no reason given".into());
             fail_step(def, s, i, format!("aborted by operator: {why}"), now);
@@ -333,7 +367,10 @@ fn on_operator(def: &Definition, s: &mut SagaState, o: &Operator, now: u64) -> R
         }
         Operator::Retry => {
             if s.status != SagaStatus::Stuck {
-                return Err(format!("only a stuck saga can be retried; it is {}", s.status.as_str()));
+                return Err(format!(
+                    "only a stuck saga can be retried; it is {}",
+                    s.status.as_str()
+                ));
             }
             let i = s
                 .steps
@@ -392,7 +429,11 @@ fn retry_or(
     if done - forgiven >= policy.max_attempts {
         return give_up(def, s, i, error, now);
     }
-    let wait = backoff_ms(policy, done - forgiven, jitter_seed(&s.saga_id, i, op, done));
+    let wait = backoff_ms(
+        policy,
+        done - forgiven,
+        jitter_seed(&s.saga_id, i, op, done),
+    );
     let name = st.name.clone();
     let st = &mut s.steps[i];
     match op {
@@ -404,7 +445,10 @@ fn retry_or(
     s.events.push(event(
         "step_retrying",
         Some(&name),
-        Some(format!("{} attempt {done} failed: {error}; next in {wait} ms", op.as_str())),
+        Some(format!(
+            "{} attempt {done} failed: {error}; next in {wait} ms",
+            op.as_str()
+        )),
     ));
     if wait == 0 {
         dispatch(s, i, op, now);
@@ -413,25 +457,34 @@ fn retry_or(
 
 fn compensation_failed(def: &Definition, s: &mut SagaState, i: usize, error: String, now: u64) {
     let policy = def.steps[i].compensation_retry.clone();
-    retry_or(def, s, i, Op::Compensation, &policy, error, now, |_, s, i, err, now| {
-        let st = &mut s.steps[i];
-        st.compensation_error = Some(err.clone());
-        st.dispatched_at_ms = None;
-        let attempts = st.compensation_attempts;
-        let name = st.name.clone();
-        s.status = SagaStatus::Stuck;
-        s.stuck = Some(Stuck {
-            step: name.clone(),
-            last_error: err.clone(),
-            attempts,
-        });
-        s.events.push(event(
-            "stuck",
-            Some(&name),
-            Some(format!("compensation failed {attempts} times: {err}")),
-        ));
-        let _ = now;
-    });
+    retry_or(
+        def,
+        s,
+        i,
+        Op::Compensation,
+        &policy,
+        error,
+        now,
+        |_, s, i, err, now| {
+            let st = &mut s.steps[i];
+            st.compensation_error = Some(err.clone());
+            st.dispatched_at_ms = None;
+            let attempts = st.compensation_attempts;
+            let name = st.name.clone();
+            s.status = SagaStatus::Stuck;
+            s.stuck = Some(Stuck {
+                step: name.clone(),
+                last_error: err.clone(),
+                attempts,
+            });
+            s.events.push(event(
+                "stuck",
+                Some(&name),
+                Some(format!("compensation failed {attempts} times: {err}")),
+            ));
+            let _ = now;
+        },
+    );
 }
 
 /// Marks step `i` failed and starts compensating from it downwards.
@@ -448,7 +501,8 @@ fn fail_step(_def: &Definition, s: &mut SagaState, i: usize, reason: String, now
         reason: reason.clone(),
     });
     s.status = SagaStatus::Compensating;
-    s.events.push(event("step_failed", Some(&name), Some(reason)));
+    s.events
+        .push(event("step_failed", Some(&name), Some(reason)));
     s.events.push(event("compensating", None, None));
     // The failed step itself is compensated too: its action may have run (a timeout, a late
     // delivery) and the participant's barrier turns an unnecessary compensation into a no-op.
@@ -465,7 +519,11 @@ fn next_compensation(s: &mut SagaState, below: usize, now: u64) {
         Some(j) => dispatch(s, j, Op::Compensation, now),
         None => {
             s.status = SagaStatus::Compensated;
-            s.events.push(event("compensated", None, s.failure.as_ref().map(|f| f.reason.clone())));
+            s.events.push(event(
+                "compensated",
+                None,
+                s.failure.as_ref().map(|f| f.reason.clone()),
+            ));
         }
     }
 }

@@ -123,7 +123,11 @@ fn due_code(d: &Definition, s: &SagaState) -> String {
     if let Some(c) = fx.commands.first() {
         assert_eq!(fx.commands.len(), 1, "one command at a time");
         let t = &fx.timers[0];
-        assert_eq!(t.kind, TimerKind::Timeout, "a dispatched command has a timeout timer");
+        assert_eq!(
+            t.kind,
+            TimerKind::Timeout,
+            "a dispatched command has a timeout timer"
+        );
         assert_eq!((t.step, t.op, t.attempt), (c.step, c.op, c.attempt));
         let o = if c.op == A { 'a' } else { 'c' };
         return format!("{}{o}{}", c.step, c.attempt);
@@ -153,14 +157,21 @@ fn run(name: &str, rows: &[Row]) -> SagaState {
         let ctx = format!("{name}, row {n} ({i:?})");
         match apply(&d, &s, &input, &id, now) {
             Transition::Applied(next) => {
-                assert!(!status.starts_with('='), "{ctx}: should be ignored, got {:?}", next.status);
+                assert!(
+                    !status.starts_with('='),
+                    "{ctx}: should be ignored, got {:?}",
+                    next.status
+                );
                 assert_eq!(next.version, s.version + 1, "{ctx}");
                 assert_eq!(next.last_input, id, "{ctx}");
-                s = next;
+                s = *next;
                 assert_eq!(s.status.as_str(), *status, "{ctx}");
             }
             Transition::Ignored(reason) => {
-                assert!(status.starts_with('='), "{ctx}: ignored ({reason}), expected {status}");
+                assert!(
+                    status.starts_with('='),
+                    "{ctx}: ignored ({reason}), expected {status}"
+                );
                 assert_eq!(s.status.as_str(), &status[1..], "{ctx}");
             }
         }
@@ -292,7 +303,11 @@ fn retryable_failures_past_the_policy_compensate() {
             (I::COk(0, 1), "compensated", "XPPP", "-"),
         ],
     );
-    assert!(s.failure.unwrap().reason.starts_with("gave up after 3 attempts"));
+    assert!(s
+        .failure
+        .unwrap()
+        .reason
+        .starts_with("gave up after 3 attempts"));
 }
 
 #[test]
@@ -308,7 +323,11 @@ fn a_timed_out_step_is_compensated() {
             (I::COk(0, 1), "compensated", "XXPP", "-"),
         ],
     );
-    assert!(s.failure.unwrap().reason.starts_with("timed out after 10000 ms"));
+    assert!(s
+        .failure
+        .unwrap()
+        .reason
+        .starts_with("timed out after 10000 ms"));
 }
 
 #[test]
@@ -344,7 +363,10 @@ fn stuck_state_records_step_error_and_attempts() {
         ],
     );
     let st = s.stuck.unwrap();
-    assert_eq!((st.step.as_str(), st.last_error.as_str(), st.attempts), ("order.create", "nope", 2));
+    assert_eq!(
+        (st.step.as_str(), st.last_error.as_str(), st.attempts),
+        ("order.create", "nope", 2)
+    );
     assert_eq!(s.events.last().unwrap().event, "stuck");
 }
 
@@ -392,11 +414,18 @@ fn backoff_grows_caps_and_jitters_within_bounds() {
     };
     let table = [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (9, 1000)];
     for (failed, base) in table {
-        assert_eq!(engine::backoff_ms(&p, failed, 0.5), base, "no jitter at the midpoint");
+        assert_eq!(
+            engine::backoff_ms(&p, failed, 0.5),
+            base,
+            "no jitter at the midpoint"
+        );
         let lo = engine::backoff_ms(&p, failed, 0.0);
         let hi = engine::backoff_ms(&p, failed, 0.999_999);
         assert!(lo as f64 >= base as f64 * 0.8 - 1.0, "{failed}: {lo}");
-        assert!(hi <= 1000 && hi as f64 <= base as f64 * 1.2 + 1.0, "{failed}: {hi}");
+        assert!(
+            hi <= 1000 && hi as f64 <= base as f64 * 1.2 + 1.0,
+            "{failed}: {hi}"
+        );
     }
     let no_jitter = RetryPolicy { jitter: 0.0, ..p };
     assert_eq!(engine::backoff_ms(&no_jitter, 3, 0.9), 400);
@@ -411,6 +440,7 @@ fn retry_delay_is_recorded_in_the_state() {
     let Transition::Applied(next) = apply(&d, &s, &input, "x", 11_000) else {
         panic!("applied")
     };
+    let next = *next;
     let at = next.steps[0].retry_at_ms.unwrap();
     assert!((11_050..=11_150).contains(&at), "{at}");
     assert_eq!(effects(&d, &next).timers[0].due_ms, at);

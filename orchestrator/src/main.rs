@@ -20,7 +20,11 @@ struct Args {
     #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
     nats_password: Option<String>,
     /// Saga definition files (JSON). Without any, the built-in order saga runs.
-    #[arg(long = "definition", env = "JETSAGA_DEFINITIONS", value_delimiter = ',')]
+    #[arg(
+        long = "definition",
+        env = "JETSAGA_DEFINITIONS",
+        value_delimiter = ','
+    )]
     definitions: Vec<PathBuf>,
     /// Inputs handled at once per consumer.
     #[arg(long, env = "JETSAGA_CONCURRENCY", default_value_t = 256)]

@@ -110,15 +110,15 @@ impl Schema {
     fn check(&self, value: &Value, path: &str) -> Result<(), Invalid> {
         match self {
             Schema::Id => {
-                let s = value
-                    .as_str()
-                    .ok_or_else(|| invalid(path, format!("must be a string, got {}", type_name(value))))?;
+                let s = value.as_str().ok_or_else(|| {
+                    invalid(path, format!("must be a string, got {}", type_name(value)))
+                })?;
                 jetsaga_common::ids::validate(s).map_err(|e| invalid(path, e.to_string()))
             }
             Schema::String { min_len, max_len } => {
-                let s = value
-                    .as_str()
-                    .ok_or_else(|| invalid(path, format!("must be a string, got {}", type_name(value))))?;
+                let s = value.as_str().ok_or_else(|| {
+                    invalid(path, format!("must be a string, got {}", type_name(value)))
+                })?;
                 let n = s.chars().count();
                 if n < *min_len || n > *max_len {
                     return Err(invalid(
@@ -131,9 +131,15 @@ impl Schema {
             Schema::Integer { min, max } => {
                 let n = value.as_i64().ok_or_else(|| {
                     if value.is_number() {
-                        invalid(path, format!("must be an integer in i64 range, got {value}"))
+                        invalid(
+                            path,
+                            format!("must be an integer in i64 range, got {value}"),
+                        )
                     } else {
-                        invalid(path, format!("must be an integer, got {}", type_name(value)))
+                        invalid(
+                            path,
+                            format!("must be an integer, got {}", type_name(value)),
+                        )
                     }
                 })?;
                 if let Some(min) = min {
@@ -150,16 +156,19 @@ impl Schema {
             }
             Schema::Boolean => match value {
                 Value::Bool(_) => Ok(()),
-                _ => Err(invalid(path, format!("must be a boolean, got {}", type_name(value)))),
+                _ => Err(invalid(
+                    path,
+                    format!("must be a boolean, got {}", type_name(value)),
+                )),
             },
             Schema::Array {
                 items,
                 min_items,
                 max_items,
             } => {
-                let arr = value
-                    .as_array()
-                    .ok_or_else(|| invalid(path, format!("must be an array, got {}", type_name(value))))?;
+                let arr = value.as_array().ok_or_else(|| {
+                    invalid(path, format!("must be an array, got {}", type_name(value)))
+                })?;
                 if arr.len() < *min_items {
                     return Err(invalid(
                         path,
@@ -182,9 +191,9 @@ impl Schema {
                 optional,
                 allow_unknown,
             } => {
-                let obj = value
-                    .as_object()
-                    .ok_or_else(|| invalid(path, format!("must be an object, got {}", type_name(value))))?;
+                let obj = value.as_object().ok_or_else(|| {
+                    invalid(path, format!("must be an object, got {}", type_name(value)))
+                })?;
                 let join = |k: &str| {
                     if path.is_empty() {
                         k.to_string()
@@ -214,7 +223,10 @@ impl Schema {
         match self {
             Schema::Object {
                 fields, optional, ..
-            } => matches!(fields.get(field), Some(Schema::Id)) && !optional.iter().any(|o| o == field),
+            } => {
+                matches!(fields.get(field), Some(Schema::Id))
+                    && !optional.iter().any(|o| o == field)
+            }
             _ => false,
         }
     }
@@ -268,29 +280,82 @@ mod tests {
         let item = || json!({"sku":"s","quantity":1,"unit_price_cents":1});
         let cases = [
             (json!([1]), "$: must be an object, got an array"),
-            (json!({"customer_id":"c","items":[item()]}), "order_id: is missing"),
-            (json!({"order_id":5,"customer_id":"c","items":[item()]}), "order_id: must be a string, got a number"),
-            (json!({"order_id":"a.b","customer_id":"c","items":[item()]}), "order_id: id contains '.'; only A-Z, a-z, 0-9, '_' and '-' are allowed"),
-            (json!({"order_id":"","customer_id":"c","items":[item()]}), "order_id: id is empty"),
-            (json!({"order_id":"o","items":[item()]}), "customer_id: is missing"),
-            (json!({"order_id":"o","customer_id":"c"}), "items: is missing"),
-            (json!({"order_id":"o","customer_id":"c","items":{}}), "items: must be an array, got an object"),
-            (json!({"order_id":"o","customer_id":"c","items":[]}), "items: must have at least 1 item(s), got 0"),
-            (json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":0,"unit_price_cents":1}]}), "items[0].quantity: must be >= 1, got 0"),
-            (json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":-3,"unit_price_cents":1}]}), "items[0].quantity: must be >= 1, got -3"),
-            (json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":10001,"unit_price_cents":1}]}), "items[0].quantity: must be <= 10000, got 10001"),
-            (json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":1.5,"unit_price_cents":1}]}), "items[0].quantity: must be an integer in i64 range, got 1.5"),
-            (json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":"2","unit_price_cents":1}]}), "items[0].quantity: must be an integer, got a string"),
-            (json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":1,"unit_price_cents":-1}]}), "items[0].unit_price_cents: must be >= 0, got -1"),
-            (json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":1}]}), "items[0].unit_price_cents: is missing"),
-            (json!({"order_id":"o","customer_id":"c","items":[], "extra": 1}), "items: must have at least 1 item(s), got 0"),
-            (json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":1,"unit_price_cents":1}], "extra": 1}), "extra: is not a known field"),
+            (
+                json!({"customer_id":"c","items":[item()]}),
+                "order_id: is missing",
+            ),
+            (
+                json!({"order_id":5,"customer_id":"c","items":[item()]}),
+                "order_id: must be a string, got a number",
+            ),
+            (
+                json!({"order_id":"a.b","customer_id":"c","items":[item()]}),
+                "order_id: id contains '.'; only A-Z, a-z, 0-9, '_' and '-' are allowed",
+            ),
+            (
+                json!({"order_id":"","customer_id":"c","items":[item()]}),
+                "order_id: id is empty",
+            ),
+            (
+                json!({"order_id":"o","items":[item()]}),
+                "customer_id: is missing",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c"}),
+                "items: is missing",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c","items":{}}),
+                "items: must be an array, got an object",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c","items":[]}),
+                "items: must have at least 1 item(s), got 0",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":0,"unit_price_cents":1}]}),
+                "items[0].quantity: must be >= 1, got 0",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":-3,"unit_price_cents":1}]}),
+                "items[0].quantity: must be >= 1, got -3",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":10001,"unit_price_cents":1}]}),
+                "items[0].quantity: must be <= 10000, got 10001",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":1.5,"unit_price_cents":1}]}),
+                "items[0].quantity: must be an integer in i64 range, got 1.5",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":"2","unit_price_cents":1}]}),
+                "items[0].quantity: must be an integer, got a string",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":1,"unit_price_cents":-1}]}),
+                "items[0].unit_price_cents: must be >= 0, got -1",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":1}]}),
+                "items[0].unit_price_cents: is missing",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c","items":[], "extra": 1}),
+                "items: must have at least 1 item(s), got 0",
+            ),
+            (
+                json!({"order_id":"o","customer_id":"c","items":[{"sku":"s","quantity":1,"unit_price_cents":1}], "extra": 1}),
+                "extra: is not a known field",
+            ),
         ];
         for (v, want) in cases {
             let got = order_schema().validate(&v).unwrap_err().to_string();
             assert_eq!(got, want, "for {v}");
         }
-        let many: Vec<Value> = (0..101).map(|_| json!({"sku":"s","quantity":1,"unit_price_cents":1})).collect();
+        let many: Vec<Value> = (0..101)
+            .map(|_| json!({"sku":"s","quantity":1,"unit_price_cents":1}))
+            .collect();
         let v = json!({"order_id":"o","customer_id":"c","items": many});
         assert_eq!(
             order_schema().validate(&v).unwrap_err().to_string(),

@@ -1,0 +1,313 @@
+//! End-to-end harness: a real nats-server, the real orchestrator and service binaries as separate
+//! processes, and a client that talks to them only through NATS, the way `nats pub`, `nats req`
+//! and `nats kv get` would.
+
+#![allow(dead_code)]
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use async_nats::{
+    jetstream::{self, consumer},
+    HeaderMap,
+};
+use futures::StreamExt;
+use jetsaga_common::{
+    protocol,
+    testkit::{bin, NatsServer, Proc},
+    topology,
+};
+use serde_json::{json, Value};
+
+pub const SERVICES: [&str; 3] = ["order", "payment", "inventory"];
+
+/// Starting balances and stock of the test seed.
+pub fn seed() -> Value {
+    json!({
+        "customers": {"c-1": 1_000_000, "c-2": 500, "c-3": 1_000_000},
+        "stock": {"sku-1": 1000, "sku-2": 1000, "sku-3": 1}
+    })
+}
+
+pub struct System {
+    pub nats: NatsServer,
+    pub orchestrators: Vec<Proc>,
+    pub services: HashMap<&'static str, Proc>,
+    pub dir: tempfile::TempDir,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+impl System {
+    /// Starts nats-server, `orchestrators` orchestrator processes and the three services.
+    pub async fn start(orchestrators: usize) -> Self {
+        Self::start_with(orchestrators, Vec::new()).await
+    }
+
+    /// Like [`start`](Self::start), with extra environment for every process.
+    pub async fn start_with(orchestrators: usize, env: Vec<(String, String)>) -> Self {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let seed_path = dir.path().join("seed.json");
+        std::fs::write(&seed_path, seed().to_string()).unwrap();
+        let mut base_env = vec![
+            ("NATS_URL".to_string(), nats.url()),
+            ("RUST_LOG".to_string(), "info".to_string()),
+        ];
+        base_env.extend(env);
+        let mut orchs = Vec::new();
+        for i in 0..orchestrators {
+            orchs.push(Proc::spawn(
+                &format!("orchestrator-{i}"),
+                bin("jetsaga-orchestrator"),
+                vec![],
+                base_env.clone(),
+                dir.path().join(format!("orchestrator-{i}.log")),
+            ));
+        }
+        let mut services = HashMap::new();
+        for svc in SERVICES {
+            let mut env = base_env.clone();
+            env.push((
+                "JETSAGA_DB".into(),
+                dir.path()
+                    .join(format!("{svc}.sqlite"))
+                    .display()
+                    .to_string(),
+            ));
+            env.push(("JETSAGA_SEED".into(), seed_path.display().to_string()));
+            services.insert(
+                svc,
+                Proc::spawn(
+                    svc,
+                    bin(&format!("jetsaga-{svc}")),
+                    vec![],
+                    env,
+                    dir.path().join(format!("{svc}.log")),
+                ),
+            );
+        }
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = jetstream::new(client.clone());
+        let sys = System {
+            nats,
+            orchestrators: orchs,
+            services,
+            dir,
+            client,
+            js,
+        };
+        sys.wait_ready().await;
+        sys
+    }
+
+    /// Waits until every durable consumer exists and every service answers a query.
+    pub async fn wait_ready(&self) {
+        let mut wanted: Vec<(&str, String)> = vec![
+            (
+                topology::REQUESTS_STREAM,
+                topology::ORCHESTRATOR_REQUESTS_CONSUMER.to_string(),
+            ),
+            (
+                topology::REPLIES_STREAM,
+                topology::ORCHESTRATOR_REPLIES_CONSUMER.to_string(),
+            ),
+        ];
+        for s in SERVICES {
+            wanted.push((topology::COMMANDS_STREAM, topology::service_consumer(s)));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        for (stream, consumer) in wanted {
+            loop {
+                let ok = self
+                    .js
+                    .get_consumer_from_stream::<consumer::pull::Config, _, _>(&consumer, stream)
+                    .await
+                    .is_ok();
+                if ok {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "consumer {consumer} on {stream} never appeared\n{}",
+                    self.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for (svc, what, req) in [
+            ("order", "status", json!({"order_id": "none"})),
+            ("payment", "balance", json!({"customer_id": "c-1"})),
+            ("inventory", "stock", json!({"sku": "sku-1"})),
+        ] {
+            loop {
+                let subject = protocol::query_subject(svc, what);
+                let got = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.client.request(subject, req.to_string().into()),
+                )
+                .await;
+                if matches!(got, Ok(Ok(_))) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{svc} never answered queries\n{}",
+                    self.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for p in self.orchestrators.iter().chain(self.services.values()) {
+            let text = p.output();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out.push_str(&format!("---- {} (last 40 lines) ----\n", p.name));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// What `nats pub orders.create '<body>' [-H Nats-Msg-Id:<id>]` does: a plain core publish.
+    pub async fn publish(&self, body: &[u8], msg_id: Option<&str>) {
+        let mut headers = HeaderMap::new();
+        if let Some(id) = msg_id {
+            headers.insert("Nats-Msg-Id", id);
+        }
+        self.client
+            .publish_with_headers("orders.create", headers, body.to_vec().into())
+            .await
+            .unwrap();
+        self.client.flush().await.unwrap();
+    }
+
+    /// What `nats req orders.create '<body>'` does: the reply is the stream's PubAck.
+    pub async fn request(&self, body: &[u8], msg_id: Option<&str>) -> Value {
+        let mut headers = HeaderMap::new();
+        if let Some(id) = msg_id {
+            headers.insert("Nats-Msg-Id", id);
+        }
+        let reply = self
+            .client
+            .request_with_headers("orders.create", headers, body.to_vec().into())
+            .await
+            .unwrap();
+        serde_json::from_slice(&reply.payload).unwrap()
+    }
+
+    /// `nats kv get sagas <id>`, parsed.
+    pub async fn saga(&self, id: &str) -> Option<Value> {
+        let kv = self.js.get_key_value(topology::SAGAS_BUCKET).await.unwrap();
+        kv.get(id)
+            .await
+            .unwrap()
+            .map(|v| serde_json::from_slice(&v).unwrap())
+    }
+
+    /// Waits until the saga is completed, compensated or stuck, and returns its state.
+    pub async fn wait_terminal(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.saga(id).await {
+                if matches!(
+                    s["status"].as_str(),
+                    Some("completed" | "compensated" | "stuck")
+                ) {
+                    return s;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "saga {id} did not end within {timeout:?}; state {:?}\n{}",
+                self.saga(id).await,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn query(&self, svc: &str, what: &str, req: Value) -> Value {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.client
+                .request(protocol::query_subject(svc, what), req.to_string().into()),
+        )
+        .await
+        .expect("query answered in time")
+        .expect("query answered");
+        serde_json::from_slice(&reply.payload).unwrap()
+    }
+
+    pub async fn balance(&self, customer: &str) -> i64 {
+        let v = self
+            .query("payment", "balance", json!({"customer_id": customer}))
+            .await;
+        v["balance_cents"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("balance of {customer}: {v}"))
+    }
+
+    pub async fn stock(&self, sku: &str) -> i64 {
+        let v = self.query("inventory", "stock", json!({"sku": sku})).await;
+        v["quantity"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("stock of {sku}: {v}"))
+    }
+
+    pub async fn order_status(&self, id: &str) -> String {
+        let v = self.query("order", "status", json!({"order_id": id})).await;
+        v["status"].as_str().unwrap_or("?").to_string()
+    }
+
+    /// Every dead letter: (reason header, original payload).
+    pub async fn dead_letters(&self) -> Vec<(String, Vec<u8>)> {
+        let stream = self.js.get_stream(topology::DLQ_STREAM).await.unwrap();
+        let n = stream.get_info().await.unwrap().state.messages as usize;
+        if n == 0 {
+            return Vec::new();
+        }
+        let c = stream
+            .create_consumer(consumer::pull::OrderedConfig::default())
+            .await
+            .unwrap();
+        let mut msgs = c.messages().await.unwrap();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let m = tokio::time::timeout(Duration::from_secs(5), msgs.next())
+                .await
+                .expect("dead letter in time")
+                .unwrap()
+                .unwrap();
+            let reason = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(protocol::DLQ_REASON))
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            out.push((reason, m.payload.to_vec()));
+        }
+        out
+    }
+
+    pub fn service(&mut self, name: &str) -> &mut Proc {
+        self.services.get_mut(name).unwrap()
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+/// An order body.
+pub fn order(id: &str, customer: &str, sku: &str, quantity: i64, price: i64) -> Vec<u8> {
+    json!({"order_id": id, "customer_id": customer,
+           "items": [{"sku": sku, "quantity": quantity, "unit_price_cents": price}]})
+    .to_string()
+    .into_bytes()
+}
