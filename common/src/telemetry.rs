@@ -8,7 +8,12 @@ pub fn init(process: &str) {
     let json = std::env::var("LOG_FORMAT")
         .map(|v| v == "json")
         .unwrap_or(false);
-    let builder = fmt().with_env_filter(filter).with_target(false);
+    // Colours only on a terminal: logs redirected to files stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi);
     let result = if json {
         builder.json().flatten_event(true).try_init()
     } else {
