@@ -40,7 +40,10 @@ pub struct Settings {
     pub replicas: usize,
     /// Window in which a repeated `Nats-Msg-Id` is dropped by the server.
     pub duplicate_window: Duration,
-    /// How long the server waits for an ack before redelivering.
+    /// How long the server waits for an ack before redelivering. After a crash, what the dead
+    /// process held comes back only after this, so it must stay well below the step timeouts
+    /// (or a healthy step "times out" because its reply sat with a dead process). Handlers take
+    /// milliseconds; a slow one is merely redelivered early, which the one rule makes harmless.
     pub ack_wait: Duration,
     /// Unacked messages a consumer hands out at once (the server default of 1000 is implicit;
     /// we set it on purpose).
@@ -56,7 +59,7 @@ impl Default for Settings {
         Settings {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(5),
             max_ack_pending: 4096,
             events_max_age: Duration::from_secs(7 * 24 * 3600),
             dlq_max_age: Duration::from_secs(30 * 24 * 3600),

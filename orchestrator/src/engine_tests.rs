@@ -327,7 +327,7 @@ fn a_timed_out_step_is_compensated() {
         .failure
         .unwrap()
         .reason
-        .starts_with("timed out after 10000 ms"));
+        .starts_with("timed out after 30000 ms"));
 }
 
 #[test]
@@ -395,7 +395,7 @@ fn effects_are_derived_from_state_with_stable_ids() {
     let fx = effects(&d, &s);
     assert_eq!(fx.commands[0].msg_id(), "o-1.0.create.1");
     assert_eq!(fx.commands[0].subject(), "saga.cmd.order.create");
-    assert_eq!(fx.timers[0].due_ms, 15_000);
+    assert_eq!(fx.timers[0].due_ms, 35_000);
     assert_eq!(fx.timers[0].msg_id(), "o-1.0.action.1.timeout");
     assert_eq!(fx.events[0].subject, "saga.events.o-1.started");
     // The same state always implies the same effects.

@@ -32,8 +32,8 @@ struct Args {
     /// Replicas for streams and the bucket (3 on a 3-node cluster).
     #[arg(long, env = "JETSAGA_REPLICAS", default_value_t = 1)]
     replicas: usize,
-    /// Seconds before an unacked input is redelivered.
-    #[arg(long, env = "JETSAGA_ACK_WAIT_SECS", default_value_t = 30)]
+    /// Seconds before an unacked input is redelivered (keep well below step timeouts).
+    #[arg(long, env = "JETSAGA_ACK_WAIT_SECS", default_value_t = 5)]
     ack_wait_secs: u64,
     /// Connection name shown by the server.
     #[arg(long, env = "JETSAGA_NAME", default_value = "jetsaga-orchestrator")]
