@@ -280,7 +280,7 @@ async fn on_request(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
     let state = engine::start(def, &saga_id, input, seq, now_ms());
     match ctx.kv.create(&saga_id, to_bytes(&state)).await {
         Ok(_) => {
-            info!(saga_id = %saga_id, kind = %def.kind, step = %state.steps[0].name, "saga started");
+            info!(saga_id = %saga_id, kind = %def.kind, step = %state.steps[0].name, service = %state.steps[0].service, "saga started");
             publish_effects(ctx, &engine::effects(def, &state)).await?;
         }
         Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
@@ -453,17 +453,22 @@ async fn apply_input(ctx: &Ctx, saga_id: &str, input: Input, input_id: &str) -> 
 }
 
 fn log_transition(before: &SagaState, after: &SagaState, input: &str) {
-    let step = after.current_step().map(|s| s.name.as_str()).unwrap_or("-");
+    let current = after.current_step();
     for e in &after.events {
         let detail = e.detail.as_deref().unwrap_or("");
-        let ev_step = e.step.as_deref().unwrap_or(step);
-        match e.event.as_str() {
-            "stuck" => {
-                error!(saga_id = %after.saga_id, kind = %after.kind, step = ev_step, event = %e.event, detail, "saga parked")
-            }
-            _ => {
-                info!(saga_id = %after.saga_id, kind = %after.kind, step = ev_step, event = %e.event, detail, status = after.status.as_str(), "saga event")
-            }
+        // The event's own step if it names one, else the step the saga is at.
+        let at = e
+            .step
+            .as_deref()
+            .and_then(|name| after.steps.iter().find(|s| s.name == name))
+            .or(current);
+        let (step, service) = at
+            .map(|s| (s.name.as_str(), s.service.as_str()))
+            .unwrap_or(("-", "-"));
+        if e.event == "stuck" {
+            error!(saga_id = %after.saga_id, kind = %after.kind, step, service, event = %e.event, detail, "saga parked");
+        } else {
+            info!(saga_id = %after.saga_id, kind = %after.kind, step, service, event = %e.event, detail, status = after.status.as_str(), "saga event");
         }
     }
     if before.status != after.status {
