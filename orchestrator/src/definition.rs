@@ -93,6 +93,9 @@ pub struct Definition {
     #[serde(default)]
     pub derive: Vec<Derive>,
     pub steps: Vec<StepDef>,
+    /// If set, a saga still running this long after it started is aborted and compensated.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
 }
 
 /// Why a definition was refused.
@@ -173,6 +176,9 @@ impl Definition {
                 "key {:?} must be a required top-level input field of type \"id\"",
                 self.key
             ));
+        }
+        if self.deadline_ms == Some(0) {
+            return Err("deadline_ms must be > 0 when set".into());
         }
         if self.steps.is_empty() {
             return Err("has no steps".into());

@@ -11,6 +11,7 @@
 //! | status        | input                              | result                                        |
 //! |---------------|------------------------------------|-----------------------------------------------|
 //! | running       | action success for (A, n)          | A succeeded; dispatch A+1, or completed       |
+//! | running/comp. | definitive reply of an older attempt | counts as the current attempt's reply       |
 //! | running       | action business failure / aborted  | A failed; compensate from A down              |
 //! | running       | action retryable failure, n < max  | wait back-off, then dispatch attempt n+1      |
 //! | running       | action retryable failure, n = max  | A failed; compensate from A down              |
@@ -21,6 +22,7 @@
 //! | compensating  | compensation failure/timeout, n=max| stuck (parked for an operator)                |
 //! | stuck         | operator retry                     | compensating; the policy counts afresh        |
 //! | any           | retry timer for (A, n) while waiting | dispatch attempt n+1                        |
+//! | running       | deadline timer                     | A failed (deadline); compensate from A down   |
 //! | any           | anything else (stale, duplicate)   | ignored                                       |
 
 use serde::{Deserialize, Serialize};
@@ -43,6 +45,8 @@ pub enum TimerKind {
     Timeout,
     /// A back-off ended: dispatch the next attempt.
     Retry,
+    /// The saga's deadline passed: if it is still running, abort it.
+    Deadline,
 }
 
 /// A durable timer, published to `saga.timer.<saga_id>` and acted on when `due_ms` has passed.
@@ -65,6 +69,7 @@ impl Timer {
         let kind = match self.kind {
             TimerKind::Timeout => "timeout",
             TimerKind::Retry => "retry",
+            TimerKind::Deadline => return format!("{}.deadline", self.saga_id),
         };
         format!(
             "{}.{}.{}.{}.{kind}",
@@ -249,14 +254,45 @@ fn check_awaited(s: &SagaState, step: u32, op: Op, attempt: u32) -> Result<usize
     Ok(i)
 }
 
+/// Checks that a reply addresses the awaited step and op. The current attempt's reply always
+/// counts. An earlier attempt's reply (or one that comes while a back-off runs) counts only if it
+/// is definitive: the participant's barrier records one result per (saga, step, op) whatever the
+/// attempt, so a late "success" means the work is done — a compensation that succeeded after its
+/// attempt timed out must not be retried into `stuck`. Late retryable failures are stale.
+fn check_reply(s: &SagaState, r: &Reply) -> Result<usize, String> {
+    let Some((i, want_op)) = s.awaiting() else {
+        return Err(format!("saga is {}", s.status.as_str()));
+    };
+    if i != r.step as usize || want_op != r.op {
+        return Err(format!(
+            "stale: saga awaits step {i} {}, reply is for step {} {}",
+            want_op.as_str(),
+            r.step,
+            r.op.as_str()
+        ));
+    }
+    let current = s.attempt(i, r.op);
+    if r.attempt > current {
+        return Err(format!(
+            "reply for attempt {}, only {current} dispatched",
+            r.attempt
+        ));
+    }
+    let late = r.attempt < current || s.steps[i].retry_at_ms.is_some();
+    if late && r.outcome == Outcome::RetryableFailure {
+        return Err(format!(
+            "stale: retryable failure of attempt {}, saga is past it",
+            r.attempt
+        ));
+    }
+    Ok(i)
+}
+
 fn on_reply(def: &Definition, s: &mut SagaState, r: &Reply, now: u64) -> Result<(), String> {
     if r.saga_id != s.saga_id {
         return Err(format!("reply is for saga {}", r.saga_id));
     }
-    let i = check_awaited(s, r.step, r.op, r.attempt)?;
-    if s.steps[i].retry_at_ms.is_some() {
-        return Err("duplicate: this attempt already failed and waits for its retry".into());
-    }
+    let i = check_reply(s, r)?;
     if r.service != s.steps[i].service {
         return Err(format!(
             "reply from service {}, step {i} belongs to {}",
@@ -329,6 +365,17 @@ fn on_timer(def: &Definition, s: &mut SagaState, t: &Timer, now: u64) -> Result<
     if now < t.due_ms {
         return Err(format!("not due for {} ms", t.due_ms - now));
     }
+    if t.kind == TimerKind::Deadline {
+        let Some((i, Op::Action)) = s.awaiting() else {
+            return Err(format!(
+                "deadline passed, but the saga is {}",
+                s.status.as_str()
+            ));
+        };
+        let ms = def.deadline_ms.unwrap_or_default();
+        fail_step(def, s, i, format!("saga deadline of {ms} ms exceeded"), now);
+        return Ok(());
+    }
     let i = check_awaited(s, t.step, t.op, t.attempt)?;
     let waiting = s.steps[i].retry_at_ms.is_some();
     match (t.kind, waiting) {
@@ -349,6 +396,7 @@ fn on_timer(def: &Definition, s: &mut SagaState, t: &Timer, now: u64) -> Result<
             Err("stale retry timer: the attempt is already dispatched".into())
         }
         (TimerKind::Timeout, true) => Err("stale timeout: the attempt already failed".into()),
+        (TimerKind::Deadline, _) => unreachable!("deadline timers are handled above"),
     }
 }
 
@@ -559,6 +607,18 @@ pub fn effects(def: &Definition, s: &SagaState) -> Effects {
     let mut fx = Effects::default();
     for e in &s.events {
         fx.events.push(event_msg(s, e));
+    }
+    // The deadline timer belongs to the saga's first state only, so it is published once (with
+    // the request), not again on every transition.
+    if let (Some(ms), 1) = (def.deadline_ms, s.version) {
+        fx.timers.push(Timer {
+            saga_id: s.saga_id.clone(),
+            kind: TimerKind::Deadline,
+            step: 0,
+            op: Op::Action,
+            attempt: 0,
+            due_ms: s.created_ms + ms,
+        });
     }
     let Some((i, op)) = s.awaiting() else {
         return fx;

@@ -35,6 +35,8 @@ enum I {
     OpRetry,
     /// A reply from the wrong service for (step, attempt).
     WrongService(u32, u32),
+    /// The saga's deadline timer, due now.
+    Deadline,
 }
 
 const A: Op = Op::Action;
@@ -101,6 +103,7 @@ fn to_input(d: &Definition, i: I, now: u64) -> Input {
         }),
         I::OpRetry => Input::Operator(Operator::Retry),
         I::WrongService(s, a) => reply(s, A, a, Outcome::Success, "someone-else"),
+        I::Deadline => timer(TimerKind::Deadline, 0, A, 0, now),
     }
 }
 
@@ -119,7 +122,8 @@ fn steps_code(s: &SagaState) -> String {
 }
 
 fn due_code(d: &Definition, s: &SagaState) -> String {
-    let fx = effects(d, s);
+    let mut fx = effects(d, s);
+    fx.timers.retain(|t| t.kind != TimerKind::Deadline);
     if let Some(c) = fx.commands.first() {
         assert_eq!(fx.commands.len(), 1, "one command at a time");
         let t = &fx.timers[0];
@@ -259,6 +263,7 @@ fn duplicates_and_stale_inputs_are_ignored() {
             (I::Ok(0, 1), "running", "SRPP", "1a1"),
             (I::Ok(0, 1), "=running", "SRPP", "1a1"),
             (I::Biz(0, 1), "=running", "SRPP", "1a1"),
+            // A reply for an attempt that was never dispatched.
             (I::Ok(1, 2), "=running", "SRPP", "1a1"),
             (I::COk(1, 1), "=running", "SRPP", "1a1"),
             (I::Timeout(0, A, 1), "=running", "SRPP", "1a1"),
@@ -444,4 +449,73 @@ fn retry_delay_is_recorded_in_the_state() {
     let at = next.steps[0].retry_at_ms.unwrap();
     assert!((11_050..=11_150).contains(&at), "{at}");
     assert_eq!(effects(&d, &next).timers[0].due_ms, at);
+}
+
+#[test]
+fn a_passed_deadline_aborts_a_running_saga_only() {
+    let s = run(
+        "deadline",
+        &[
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+            (I::Deadline, "compensating", "SCPP", "1c1"),
+            (I::Deadline, "=compensating", "SCPP", "1c1"),
+            (I::COk(1, 1), "compensating", "CXPP", "0c1"),
+            (I::COk(0, 1), "compensated", "XXPP", "-"),
+            (I::Deadline, "=compensated", "XXPP", "-"),
+        ],
+    );
+    assert!(s.failure.unwrap().reason.contains("deadline"));
+}
+
+#[test]
+fn the_deadline_timer_is_published_with_the_first_state_only() {
+    let mut d = def();
+    d.deadline_ms = Some(60_000);
+    let s = start(&d, "o-1", json!({}), 1, 1_000);
+    let deadline: Vec<_> = effects(&d, &s)
+        .timers
+        .into_iter()
+        .filter(|t| t.kind == TimerKind::Deadline)
+        .collect();
+    assert_eq!(deadline.len(), 1);
+    assert_eq!(deadline[0].due_ms, 61_000);
+    assert_eq!(deadline[0].msg_id(), "o-1.deadline");
+    let input = to_input(&d, I::Ok(0, 1), 2_000);
+    let Transition::Applied(next) = apply(&d, &s, &input, "x", 2_000) else {
+        panic!("applied")
+    };
+    assert!(effects(&d, &next)
+        .timers
+        .iter()
+        .all(|t| t.kind != TimerKind::Deadline));
+}
+
+#[test]
+fn a_late_definitive_reply_of_an_earlier_attempt_counts() {
+    run(
+        "late compensation success",
+        &[
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+            (I::Biz(1, 1), "compensating", "SCPP", "1c1"),
+            // Attempt 1 of the refund times out (zero back-off: attempt 2 goes out at once) ...
+            (I::Timeout(1, C, 1), "compensating", "SCPP", "1c2"),
+            // ... a late retryable failure of attempt 1 is stale ...
+            (I::CFail(1, 1), "=compensating", "SCPP", "1c2"),
+            // ... but attempt 1's late success means the refund is done.
+            (I::COk(1, 1), "compensating", "CXPP", "0c1"),
+            (I::COk(1, 2), "=compensating", "CXPP", "0c1"),
+            (I::COk(0, 1), "compensated", "XXPP", "-"),
+        ],
+    );
+    run(
+        "late action success during back-off",
+        &[
+            (I::Tech(0, 1), "running", "RPPP", "w0a2"),
+            (I::RetryDue(0, A, 1), "running", "RPPP", "0a2"),
+            // Attempt 1's retryable failure repeated: stale. A success of attempt 1 cannot follow
+            // its own failure at the barrier, but attempt 2's answer for the same row can.
+            (I::Tech(0, 1), "=running", "RPPP", "0a2"),
+            (I::Ok(0, 1), "running", "SRPP", "1a1"),
+        ],
+    );
 }

@@ -35,69 +35,133 @@ pub struct System {
     pub dir: tempfile::TempDir,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
+    base_env: Vec<(String, String)>,
+    seed_path: PathBuf,
+}
+
+/// How to start a [`System`].
+pub struct Options {
+    pub orchestrators: usize,
+    /// A definition to run instead of the built-in order saga.
+    pub definition: Option<Value>,
+    /// Extra environment per service: (service, key, value).
+    pub service_env: Vec<(&'static str, &'static str, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            orchestrators: 1,
+            definition: None,
+            service_env: Vec::new(),
+        }
+    }
+}
+
+/// The built-in order definition as JSON, to edit for a test.
+pub fn order_definition() -> Value {
+    serde_json::from_str(jetsaga_orchestrator::definition::BUILTIN_ORDER).unwrap()
+}
+
+/// Sends SIGTERM (a graceful stop) to a process.
+pub fn terminate(p: &Proc) {
+    let pid = p.pid().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM {pid}");
 }
 
 impl System {
     /// Starts nats-server, `orchestrators` orchestrator processes and the three services.
     pub async fn start(orchestrators: usize) -> Self {
-        Self::start_with(orchestrators, Vec::new()).await
+        Self::start_with(Options {
+            orchestrators,
+            ..Options::default()
+        })
+        .await
     }
 
-    /// Like [`start`](Self::start), with extra environment for every process.
-    pub async fn start_with(orchestrators: usize, env: Vec<(String, String)>) -> Self {
+    /// Starts a system as `opts` says.
+    pub async fn start_with(opts: Options) -> Self {
         let nats = NatsServer::start();
         let dir = tempfile::tempdir().unwrap();
         let seed_path = dir.path().join("seed.json");
         std::fs::write(&seed_path, seed().to_string()).unwrap();
-        let mut base_env = vec![
+        let base_env = vec![
             ("NATS_URL".to_string(), nats.url()),
             ("RUST_LOG".to_string(), "info".to_string()),
         ];
-        base_env.extend(env);
+        let mut orch_args = Vec::new();
+        if let Some(def) = &opts.definition {
+            let path = dir.path().join("definition.json");
+            std::fs::write(&path, def.to_string()).unwrap();
+            orch_args = vec!["--definition".to_string(), path.display().to_string()];
+        }
         let mut orchs = Vec::new();
-        for i in 0..orchestrators {
+        for i in 0..opts.orchestrators {
             orchs.push(Proc::spawn(
                 &format!("orchestrator-{i}"),
                 bin("jetsaga-orchestrator"),
-                vec![],
+                orch_args.clone(),
                 base_env.clone(),
                 dir.path().join(format!("orchestrator-{i}.log")),
             ));
         }
-        let mut services = HashMap::new();
-        for svc in SERVICES {
-            let mut env = base_env.clone();
-            env.push((
-                "JETSAGA_DB".into(),
-                dir.path()
-                    .join(format!("{svc}.sqlite"))
-                    .display()
-                    .to_string(),
-            ));
-            env.push(("JETSAGA_SEED".into(), seed_path.display().to_string()));
-            services.insert(
-                svc,
-                Proc::spawn(
-                    svc,
-                    bin(&format!("jetsaga-{svc}")),
-                    vec![],
-                    env,
-                    dir.path().join(format!("{svc}.log")),
-                ),
-            );
-        }
         let client = async_nats::connect(nats.url()).await.unwrap();
         let js = jetstream::new(client.clone());
-        let sys = System {
+        let mut sys = System {
             nats,
             orchestrators: orchs,
-            services,
+            services: HashMap::new(),
             dir,
             client,
             js,
+            base_env,
+            seed_path,
         };
+        for svc in SERVICES {
+            let extra = opts
+                .service_env
+                .iter()
+                .filter(|(s, _, _)| *s == svc)
+                .map(|(_, k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            sys.spawn_service(svc, extra);
+        }
         sys.wait_ready().await;
         sys
+    }
+
+    /// (Re)starts a service process with extra environment (e.g. fault injection), killing the
+    /// running one first. Its SQLite file stays.
+    pub fn spawn_service(&mut self, svc: &'static str, extra: Vec<(String, String)>) {
+        if let Some(mut old) = self.services.remove(svc) {
+            old.kill();
+        }
+        let mut env = self.base_env.clone();
+        env.push((
+            "JETSAGA_DB".into(),
+            self.dir
+                .path()
+                .join(format!("{svc}.sqlite"))
+                .display()
+                .to_string(),
+        ));
+        env.push(("JETSAGA_SEED".into(), self.seed_path.display().to_string()));
+        env.extend(extra);
+        self.services.insert(
+            svc,
+            Proc::spawn(
+                svc,
+                bin(&format!("jetsaga-{svc}")),
+                vec![],
+                env,
+                self.dir.path().join(format!("{svc}.log")),
+            ),
+        );
     }
 
     /// Waits until every durable consumer exists and every service answers a query.
@@ -310,4 +374,121 @@ pub fn order(id: &str, customer: &str, sku: &str, quantity: i64, price: i64) -> 
            "items": [{"sku": sku, "quantity": quantity, "unit_price_cents": price}]})
     .to_string()
     .into_bytes()
+}
+
+impl System {
+    /// A JetStream publish with a message id, waiting for the PubAck: the client knows the
+    /// request is stored before anything is killed.
+    pub async fn publish_acked(&self, body: &[u8], msg_id: &str) {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        self.js
+            .publish_with_headers("orders.create", headers, body.to_vec().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Waits until `check` holds for the saga's state.
+    pub async fn wait_saga(
+        &self,
+        id: &str,
+        timeout: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.saga(id).await {
+                if check(&s) {
+                    return s;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "saga {id} never reached the expected state; now {:?}\n{}",
+                self.saga(id).await,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends an operator command the way `nats req saga.ops.<id> '<json>'` does.
+    pub async fn operator(&self, id: &str, body: Value) -> Value {
+        let reply = self
+            .client
+            .request(topology::ops_subject(id), body.to_string().into())
+            .await
+            .unwrap();
+        serde_json::from_slice(&reply.payload).unwrap()
+    }
+}
+
+/// A mixed batch: `i % 3 == 0` completes (c-1), `1` fails on balance (c-2), `2` on stock (sku-3).
+/// Returns (id, body, expected status, amount charged if completed, quantity reserved).
+pub fn mixed_batch(prefix: &str, n: usize) -> Vec<(String, Vec<u8>, &'static str, i64, i64)> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}-{i}");
+            match i % 3 {
+                0 => {
+                    let price = 100 + i as i64;
+                    (
+                        id.clone(),
+                        order(&id, "c-1", "sku-1", 1, price),
+                        "completed",
+                        price,
+                        1,
+                    )
+                }
+                1 => (
+                    id.clone(),
+                    order(&id, "c-2", "sku-1", 1, 10_000),
+                    "compensated",
+                    0,
+                    0,
+                ),
+                _ => (
+                    id.clone(),
+                    order(&id, "c-3", "sku-3", 5, 10),
+                    "compensated",
+                    0,
+                    0,
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Waits for every saga of a [`mixed_batch`] and checks outcomes, order statuses and that money
+/// and stock moved exactly once per completed order.
+pub async fn check_mixed(sys: &System, batch: &[(String, Vec<u8>, &'static str, i64, i64)]) {
+    let (mut charged, mut reserved) = (0, 0);
+    for (id, _, want, amount, qty) in batch {
+        let s = sys.wait_terminal(id, Duration::from_secs(90)).await;
+        assert_eq!(s["status"].as_str().unwrap(), *want, "{id}: {s}");
+        let order = sys.order_status(id).await;
+        let want_order = if *want == "completed" {
+            "APPROVED"
+        } else {
+            "CANCELLED"
+        };
+        assert_eq!(order, want_order, "{id}");
+        charged += amount;
+        reserved += qty;
+    }
+    assert_eq!(
+        sys.balance("c-1").await,
+        1_000_000 - charged,
+        "each completed order charged once"
+    );
+    assert_eq!(sys.balance("c-2").await, 500, "nothing kept from c-2");
+    assert_eq!(
+        sys.balance("c-3").await,
+        1_000_000,
+        "every stock-short order refunded"
+    );
+    assert_eq!(sys.stock("sku-1").await, 1000 - reserved);
+    assert_eq!(sys.stock("sku-3").await, 1);
 }
