@@ -11,7 +11,7 @@
 //! A crash anywhere leaves the input unacked; its redelivery finishes the job. No task or memory is
 //! held per saga: a waiting saga is a KV entry and, at most, a timer message.
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::{
     header::HeaderMap,
@@ -52,6 +52,8 @@ pub struct Config {
     pub concurrency: usize,
     /// Connection name, shown by the server.
     pub name: String,
+    /// Most sagas whose last written state is kept in memory (see [`StateCache`]).
+    pub cache_size: usize,
 }
 
 impl Default for Config {
@@ -62,6 +64,7 @@ impl Default for Config {
             settings: Settings::default(),
             concurrency: 256,
             name: "jetsaga-orchestrator".into(),
+            cache_size: 100_000,
         }
     }
 }
@@ -100,6 +103,7 @@ struct Ctx {
     js: jetstream::Context,
     kv: kv::Store,
     registry: Registry,
+    cache: StateCache,
 }
 
 /// Runs the orchestrator until `shutdown` resolves, then finishes the inputs in hand and returns.
@@ -145,7 +149,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         concurrency = cfg.concurrency,
         "orchestrator ready"
     );
-    let ctx = Arc::new(Ctx { js, kv, registry });
+    let ctx = Arc::new(Ctx {
+        js,
+        kv,
+        registry,
+        cache: StateCache::new(cfg.cache_size),
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     for (durable, consumer) in pulls {
@@ -279,9 +288,11 @@ async fn on_request(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
     let seq = stream_seq(msg);
     let state = engine::start(def, &saga_id, input, seq, now_ms());
     match ctx.kv.create(&saga_id, to_bytes(&state)).await {
-        Ok(_) => {
+        Ok(revision) => {
             info!(saga_id = %saga_id, kind = %def.kind, step = %state.steps[0].name, service = %state.steps[0].service, "saga started");
-            publish_effects(ctx, &engine::effects(def, &state)).await?;
+            let fx = engine::effects(def, &state);
+            ctx.cache.put(&saga_id, Arc::new(state), revision);
+            publish_effects(ctx, &fx).await?;
         }
         Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
             let (existing, _) = load(ctx, &saga_id).await?.ok_or_else(|| {
@@ -411,31 +422,52 @@ fn is_conflict(e: &kv::UpdateError) -> bool {
 }
 
 /// Steps 1–4 of the one rule for a saga that exists.
+///
+/// Step 1 first tries the state this process last wrote for the saga (the [`StateCache`]), which
+/// saves a KV read per input. That is safe because the cache can only be *behind* KV, never
+/// ahead: a transition computed from a stale state fails its revision check and is recomputed
+/// from a fresh read, and an input the cached state would ignore is re-judged on a fresh read.
 async fn apply_input(ctx: &Ctx, saga_id: &str, input: Input, input_id: &str) -> Result<(), Fail> {
+    let mut cached = ctx.cache.get(saga_id);
     for _ in 0..MAX_CAS_ROUNDS {
-        let Some((state, revision)) = load(ctx, saga_id).await? else {
-            warn!(
-                saga_id,
-                input = input_id,
-                "input for a saga that does not exist; dropped"
-            );
-            return Ok(());
+        let from_cache = cached.is_some();
+        let (state, revision) = match cached.take() {
+            Some(hit) => hit,
+            None => match load(ctx, saga_id).await? {
+                Some((s, r)) => (Arc::new(s), r),
+                None => {
+                    warn!(
+                        saga_id,
+                        input = input_id,
+                        "input for a saga that does not exist; dropped"
+                    );
+                    return Ok(());
+                }
+            },
         };
         let def = definition_of(ctx, &state)?;
         match engine::apply(def, &state, &input, input_id, now_ms()) {
             Transition::Applied(next) => {
                 match ctx.kv.update(saga_id, to_bytes(&next), revision).await {
-                    Ok(_) => {
+                    Ok(new_revision) => {
                         log_transition(&state, &next, input_id);
-                        return publish_effects(ctx, &engine::effects(def, &next)).await;
+                        let fx = engine::effects(def, &next);
+                        ctx.cache.put(saga_id, Arc::new(*next), new_revision);
+                        return publish_effects(ctx, &fx).await;
                     }
                     Err(e) if is_conflict(&e) => {
                         debug!(saga_id, input = input_id, "revision conflict; reloading");
+                        ctx.cache.remove(saga_id);
                         continue;
                     }
-                    Err(e) => return Err(transient(e)),
+                    Err(e) => {
+                        // A timeout may still have written: forget what we think we know.
+                        ctx.cache.remove(saga_id);
+                        return Err(transient(e));
+                    }
                 }
             }
+            Transition::Ignored(_) if from_cache => continue,
             Transition::Ignored(reason) => {
                 debug!(saga_id, input = input_id, %reason, "input ignored");
                 if state.last_input == input_id {
@@ -450,6 +482,52 @@ async fn apply_input(ctx: &Ctx, saga_id: &str, input: Input, input_id: &str) -> 
     Err(Fail::Transient(format!(
         "saga {saga_id}: {MAX_CAS_ROUNDS} revision conflicts in a row"
     )))
+}
+
+/// The last state this process wrote per saga, with its revision; only sagas still waiting for
+/// something are kept, and at most `cap` of them, so memory stays bounded however many sagas run.
+pub struct StateCache {
+    map: std::sync::Mutex<HashMap<String, (Arc<SagaState>, u64)>>,
+    cap: usize,
+}
+
+impl StateCache {
+    pub fn new(cap: usize) -> Self {
+        StateCache {
+            map: std::sync::Mutex::new(HashMap::new()),
+            cap,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<SagaState>, u64)>> {
+        // A panic while holding the lock cannot leave the map inconsistent (single operations).
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Option<(Arc<SagaState>, u64)> {
+        self.lock().get(id).cloned()
+    }
+
+    pub fn put(&self, id: &str, state: Arc<SagaState>, revision: u64) {
+        let mut map = self.lock();
+        if state.awaiting().is_none() {
+            map.remove(id);
+        } else if map.len() < self.cap || map.contains_key(id) {
+            map.insert(id.to_string(), (state, revision));
+        }
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 fn log_transition(before: &SagaState, after: &SagaState, input: &str) {

@@ -23,6 +23,7 @@
 //! | stuck         | operator retry                     | compensating; the policy counts afresh        |
 //! | any           | retry timer for (A, n) while waiting | dispatch attempt n+1                        |
 //! | running       | deadline timer                     | A failed (deadline); compensate from A down   |
+//! | waiting       | live watchdog, due                 | deadline or timeout of the awaited attempt if overdue; re-arm |
 //! | any           | anything else (stale, duplicate)   | ignored                                       |
 
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,10 @@ pub enum TimerKind {
     Retry,
     /// The saga's deadline passed: if it is still running, abort it.
     Deadline,
+    /// The one timer a waiting saga keeps: when due, it times out the awaited attempt or aborts a
+    /// saga past its deadline, or re-arms itself for the next due time. One timer per saga instead
+    /// of one per attempt: a saga that finishes quickly costs a single timer message.
+    Watchdog,
 }
 
 /// A durable timer, published to `saga.timer.<saga_id>` and acted on when `due_ms` has passed.
@@ -70,6 +75,7 @@ impl Timer {
             TimerKind::Timeout => "timeout",
             TimerKind::Retry => "retry",
             TimerKind::Deadline => return format!("{}.deadline", self.saga_id),
+            TimerKind::Watchdog => return format!("{}.watchdog.{}", self.saga_id, self.due_ms),
         };
         format!(
             "{}.{}.{}.{}.{kind}",
@@ -178,6 +184,8 @@ pub fn start(
         request_seq,
         version: 1,
         last_input: request_input_id(request_seq),
+        watchdog_armed_version: 0,
+        watchdog_due_ms: None,
         created_at: at.clone(),
         updated_at: at,
         created_ms: now,
@@ -185,6 +193,7 @@ pub fn start(
         events: vec![event("started", None, None)],
     };
     dispatch(&mut s, 0, Op::Action, now);
+    arm_watchdog(def, &mut s, now);
     s
 }
 
@@ -219,6 +228,7 @@ pub fn apply(
     s.last_input = input_id.to_string();
     let result = match input {
         Input::Reply(r) => on_reply(def, &mut s, r, now),
+        Input::Timer(t) if t.kind == TimerKind::Watchdog => on_watchdog(def, &mut s, t, now),
         Input::Timer(t) => on_timer(def, &mut s, t, now),
         Input::Operator(o) => on_operator(def, &mut s, o, now),
     };
@@ -227,9 +237,28 @@ pub fn apply(
             s.version += 1;
             s.updated_ms = now;
             s.updated_at = rfc3339(now);
+            arm_watchdog(def, &mut s, now);
             Transition::Applied(Box::new(s))
         }
         Err(reason) => Transition::Ignored(reason),
+    }
+}
+
+/// Arms a new watchdog if the saga waits for something and the live one would look too late
+/// (the newly awaited step has a shorter timeout) or has already come due (it fired, or the
+/// saga was parked and is resumed). With uniform step timeouts a saga keeps the one watchdog it
+/// got at the start, and a saga that ends before it is due costs one timer in all.
+fn arm_watchdog(def: &Definition, s: &mut SagaState, now: u64) {
+    let Some(due) = watchdog_due(def, s) else {
+        return;
+    };
+    let arm = match s.watchdog_due_ms {
+        None => true,
+        Some(live) => due < live || live <= now,
+    };
+    if arm {
+        s.watchdog_due_ms = Some(due);
+        s.watchdog_armed_version = s.version;
     }
 }
 
@@ -396,8 +425,67 @@ fn on_timer(def: &Definition, s: &mut SagaState, t: &Timer, now: u64) -> Result<
             Err("stale retry timer: the attempt is already dispatched".into())
         }
         (TimerKind::Timeout, true) => Err("stale timeout: the attempt already failed".into()),
-        (TimerKind::Deadline, _) => unreachable!("deadline timers are handled above"),
+        (TimerKind::Deadline | TimerKind::Watchdog, _) => {
+            unreachable!("deadline and watchdog timers are handled before")
+        }
     }
+}
+
+/// When the saga's watchdog should next look: the awaited attempt's timeout (counted from its
+/// dispatch, or from the end of its back-off), or the saga's deadline if that comes first.
+/// `None` once nothing is awaited (terminal or stuck): the watchdog chain ends.
+pub fn watchdog_due(def: &Definition, s: &SagaState) -> Option<u64> {
+    let (i, _) = s.awaiting()?;
+    let st = &s.steps[i];
+    let timeout = def.steps.get(i).map(|d| d.timeout_ms).unwrap_or(30_000);
+    let from = st
+        .retry_at_ms
+        .or(st.dispatched_at_ms)
+        .unwrap_or(s.updated_ms);
+    let step_due = from + timeout;
+    let deadline = match (s.status, def.deadline_ms) {
+        (SagaStatus::Running, Some(ms)) => Some(s.created_ms + ms),
+        _ => None,
+    };
+    Some(deadline.map_or(step_due, |d| d.min(step_due)))
+}
+
+/// The live watchdog is due: abort a saga past its deadline, time out an awaited attempt that
+/// is overdue, or else change nothing (the saga moved on; `arm_watchdog` sets the next one).
+fn on_watchdog(def: &Definition, s: &mut SagaState, t: &Timer, now: u64) -> Result<(), String> {
+    if t.saga_id != s.saga_id {
+        return Err(format!("timer is for saga {}", t.saga_id));
+    }
+    if now < t.due_ms {
+        return Err(format!("not due for {} ms", t.due_ms - now));
+    }
+    if s.watchdog_due_ms != Some(t.due_ms) {
+        return Err("stale watchdog: another one is live".into());
+    }
+    let Some((i, op)) = s.awaiting() else {
+        return Err(format!("watchdog: saga is {}", s.status.as_str()));
+    };
+    if let (SagaStatus::Running, Some(ms)) = (s.status, def.deadline_ms) {
+        if now >= s.created_ms + ms {
+            fail_step(def, s, i, format!("saga deadline of {ms} ms exceeded"), now);
+            return Ok(());
+        }
+    }
+    let st = &s.steps[i];
+    let overdue = st.retry_at_ms.is_none()
+        && st.dispatched_at_ms.unwrap_or(s.updated_ms) + def.steps[i].timeout_ms <= now;
+    if overdue {
+        let timeout = Timer {
+            saga_id: s.saga_id.clone(),
+            kind: TimerKind::Timeout,
+            step: i as u32,
+            op,
+            attempt: s.attempt(i, op),
+            due_ms: now,
+        };
+        return on_timer(def, s, &timeout, now);
+    }
+    Ok(())
 }
 
 fn on_operator(def: &Definition, s: &mut SagaState, o: &Operator, now: u64) -> Result<(), String> {
@@ -608,17 +696,18 @@ pub fn effects(def: &Definition, s: &SagaState) -> Effects {
     for e in &s.events {
         fx.events.push(event_msg(s, e));
     }
-    // The deadline timer belongs to the saga's first state only, so it is published once (with
-    // the request), not again on every transition.
-    if let (Some(ms), 1) = (def.deadline_ms, s.version) {
-        fx.timers.push(Timer {
-            saga_id: s.saga_id.clone(),
-            kind: TimerKind::Deadline,
-            step: 0,
-            op: Op::Action,
-            attempt: 0,
-            due_ms: s.created_ms + ms,
-        });
+    // The watchdog goes out with the state that armed it, not again with every transition.
+    if let (Some(due), true) = (s.watchdog_due_ms, s.watchdog_armed_version == s.version) {
+        if s.awaiting().is_some() {
+            fx.timers.push(Timer {
+                saga_id: s.saga_id.clone(),
+                kind: TimerKind::Watchdog,
+                step: 0,
+                op: Op::Action,
+                attempt: 0,
+                due_ms: due,
+            });
+        }
     }
     let Some((i, op)) = s.awaiting() else {
         return fx;
@@ -650,15 +739,6 @@ pub fn effects(def: &Definition, s: &SagaState) -> Effects {
         op,
         attempt,
         input: s.input.clone(),
-    });
-    let timeout = def.steps.get(i).map(|d| d.timeout_ms).unwrap_or(10_000);
-    fx.timers.push(Timer {
-        saga_id: s.saga_id.clone(),
-        kind: TimerKind::Timeout,
-        step: i as u32,
-        op,
-        attempt,
-        due_ms: st.dispatched_at_ms.unwrap_or(s.updated_ms) + timeout,
     });
     fx
 }

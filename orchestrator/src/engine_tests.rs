@@ -122,22 +122,13 @@ fn steps_code(s: &SagaState) -> String {
 }
 
 fn due_code(d: &Definition, s: &SagaState) -> String {
-    let mut fx = effects(d, s);
-    fx.timers.retain(|t| t.kind != TimerKind::Deadline);
+    let fx = effects(d, s);
     if let Some(c) = fx.commands.first() {
         assert_eq!(fx.commands.len(), 1, "one command at a time");
-        let t = &fx.timers[0];
-        assert_eq!(
-            t.kind,
-            TimerKind::Timeout,
-            "a dispatched command has a timeout timer"
-        );
-        assert_eq!((t.step, t.op, t.attempt), (c.step, c.op, c.attempt));
         let o = if c.op == A { 'a' } else { 'c' };
         return format!("{}{o}{}", c.step, c.attempt);
     }
-    if let Some(t) = fx.timers.first() {
-        assert_eq!(t.kind, TimerKind::Retry);
+    if let Some(t) = fx.timers.iter().find(|t| t.kind == TimerKind::Retry) {
         let o = if t.op == A { 'a' } else { 'c' };
         return format!("w{}{o}{}", t.step, t.attempt + 1);
     }
@@ -400,12 +391,125 @@ fn effects_are_derived_from_state_with_stable_ids() {
     let fx = effects(&d, &s);
     assert_eq!(fx.commands[0].msg_id(), "o-1.0.create.1");
     assert_eq!(fx.commands[0].subject(), "saga.cmd.order.create");
+    assert_eq!(fx.timers.len(), 1, "one watchdog, no timer per attempt");
+    assert_eq!(fx.timers[0].kind, TimerKind::Watchdog);
     assert_eq!(fx.timers[0].due_ms, 35_000);
-    assert_eq!(fx.timers[0].msg_id(), "o-1.0.action.1.timeout");
+    assert_eq!(fx.timers[0].msg_id(), "o-1.watchdog.35000");
     assert_eq!(fx.events[0].subject, "saga.events.o-1.started");
     // The same state always implies the same effects.
     assert_eq!(fx, effects(&d, &s));
     assert_eq!(s.last_input, engine::request_input_id(3));
+    // Later states carry no watchdog: the armed one re-arms itself.
+    let input = to_input(&d, I::Ok(0, 1), 6_000);
+    let Transition::Applied(next) = apply(&d, &s, &input, "x", 6_000) else {
+        panic!("applied")
+    };
+    assert!(effects(&d, &next).timers.is_empty());
+}
+
+fn watchdog(due_ms: u64) -> Input {
+    Input::Timer(Timer {
+        saga_id: "o-1".into(),
+        kind: TimerKind::Watchdog,
+        step: 0,
+        op: A,
+        attempt: 0,
+        due_ms,
+    })
+}
+
+#[test]
+fn the_watchdog_rearms_times_out_and_ends_with_the_saga() {
+    let mut d = def(); // 30 s timeouts ...
+    d.steps[1].timeout_ms = 2_000; // ... but payment.deduct has 2 s
+    let apply_ok = |s: &SagaState, i: Input, now: u64| match apply(&d, s, &i, "x", now) {
+        Transition::Applied(next) => *next,
+        other => panic!("{other:?}"),
+    };
+    let s = start(&d, "o-1", json!({}), 1, 0);
+    assert_eq!(s.watchdog_due_ms, Some(30_000));
+    // Step 0 answers at 1 000; step 1 must be watched from 3 000: a new, earlier watchdog.
+    let s = apply_ok(&s, to_input(&d, I::Ok(0, 1), 1_000), 1_000);
+    assert_eq!(s.watchdog_due_ms, Some(3_000));
+    assert_eq!(effects(&d, &s).timers[0].msg_id(), "o-1.watchdog.3000");
+    // The first one (30 000) is stale from now on.
+    assert!(matches!(
+        apply(&d, &s, &watchdog(30_000), "w", 30_000),
+        Transition::Ignored(_)
+    ));
+    // At 3 000 step 1 times out; the compensation (same 2 s timeout) gets the next watchdog.
+    let s = apply_ok(&s, watchdog(3_000), 3_000);
+    assert_eq!(s.status, SagaStatus::Compensating);
+    assert!(s
+        .failure
+        .as_ref()
+        .unwrap()
+        .reason
+        .starts_with("timed out after 2000 ms"));
+    assert_eq!(s.watchdog_due_ms, Some(5_000));
+    // The refund answers; order.cancel (30 s) is due at 34 000, later than the live one: kept.
+    let s = apply_ok(&s, to_input(&d, I::COk(1, 1), 4_000), 4_000);
+    assert_eq!(s.watchdog_due_ms, Some(5_000));
+    assert!(effects(&d, &s).timers.is_empty());
+    // The live one fires at 5 000, finds nothing overdue and hands over to one at 34 000.
+    let s = apply_ok(&s, watchdog(5_000), 5_000);
+    assert_eq!(s.status, SagaStatus::Compensating);
+    assert_eq!(s.watchdog_due_ms, Some(34_000));
+    // Once the saga ends, its watchdog is ignored and none is armed.
+    let s = apply_ok(&s, to_input(&d, I::COk(0, 1), 6_000), 6_000);
+    assert_eq!(s.status, SagaStatus::Compensated);
+    assert!(matches!(
+        apply(&d, &s, &watchdog(34_000), "w", 34_000),
+        Transition::Ignored(_)
+    ));
+    assert!(effects(&d, &s).timers.is_empty());
+}
+
+#[test]
+fn the_watchdog_enforces_the_deadline_first() {
+    let mut d = def();
+    d.deadline_ms = Some(10_000);
+    let s = start(&d, "o-1", json!({}), 1, 0);
+    assert_eq!(
+        effects(&d, &s).timers[0].due_ms,
+        10_000,
+        "deadline before the 30 s timeout"
+    );
+    assert_eq!(s.watchdog_due_ms, Some(10_000));
+    let Transition::Applied(s) = apply(&d, &s, &watchdog(10_000), "w", 10_000) else {
+        panic!()
+    };
+    assert_eq!(s.status, SagaStatus::Compensating);
+    assert!(s.failure.unwrap().reason.contains("deadline of 10000 ms"));
+}
+
+#[test]
+fn an_operator_retry_rearms_the_watchdog_once_the_old_one_is_gone() {
+    let d = def();
+    let s = run(
+        "stuck rearm",
+        &[
+            (I::Biz(0, 1), "compensating", "CPPP", "0c1"),
+            (I::CFail(0, 1), "compensating", "CPPP", "0c2"),
+            (I::CFail(0, 2), "stuck", "CPPP", "-"),
+        ],
+    );
+    // The live watchdog comes due while the saga is parked: ignored, the chain stops.
+    let live = s.watchdog_due_ms.unwrap();
+    assert!(matches!(
+        apply(&d, &s, &watchdog(live), "w", live),
+        Transition::Ignored(_)
+    ));
+    let later = live + 60_000;
+    let Transition::Applied(s) = apply(&d, &s, &Input::Operator(Operator::Retry), "op", later)
+    else {
+        panic!()
+    };
+    assert_eq!(s.watchdog_due_ms, Some(later + 30_000));
+    assert!(effects(&d, &s)
+        .timers
+        .iter()
+        .any(|t| t.kind == TimerKind::Watchdog));
 }
 
 #[test]
@@ -465,57 +569,4 @@ fn a_passed_deadline_aborts_a_running_saga_only() {
         ],
     );
     assert!(s.failure.unwrap().reason.contains("deadline"));
-}
-
-#[test]
-fn the_deadline_timer_is_published_with_the_first_state_only() {
-    let mut d = def();
-    d.deadline_ms = Some(60_000);
-    let s = start(&d, "o-1", json!({}), 1, 1_000);
-    let deadline: Vec<_> = effects(&d, &s)
-        .timers
-        .into_iter()
-        .filter(|t| t.kind == TimerKind::Deadline)
-        .collect();
-    assert_eq!(deadline.len(), 1);
-    assert_eq!(deadline[0].due_ms, 61_000);
-    assert_eq!(deadline[0].msg_id(), "o-1.deadline");
-    let input = to_input(&d, I::Ok(0, 1), 2_000);
-    let Transition::Applied(next) = apply(&d, &s, &input, "x", 2_000) else {
-        panic!("applied")
-    };
-    assert!(effects(&d, &next)
-        .timers
-        .iter()
-        .all(|t| t.kind != TimerKind::Deadline));
-}
-
-#[test]
-fn a_late_definitive_reply_of_an_earlier_attempt_counts() {
-    run(
-        "late compensation success",
-        &[
-            (I::Ok(0, 1), "running", "SRPP", "1a1"),
-            (I::Biz(1, 1), "compensating", "SCPP", "1c1"),
-            // Attempt 1 of the refund times out (zero back-off: attempt 2 goes out at once) ...
-            (I::Timeout(1, C, 1), "compensating", "SCPP", "1c2"),
-            // ... a late retryable failure of attempt 1 is stale ...
-            (I::CFail(1, 1), "=compensating", "SCPP", "1c2"),
-            // ... but attempt 1's late success means the refund is done.
-            (I::COk(1, 1), "compensating", "CXPP", "0c1"),
-            (I::COk(1, 2), "=compensating", "CXPP", "0c1"),
-            (I::COk(0, 1), "compensated", "XXPP", "-"),
-        ],
-    );
-    run(
-        "late action success during back-off",
-        &[
-            (I::Tech(0, 1), "running", "RPPP", "w0a2"),
-            (I::RetryDue(0, A, 1), "running", "RPPP", "0a2"),
-            // Attempt 1's retryable failure repeated: stale. A success of attempt 1 cannot follow
-            // its own failure at the barrier, but attempt 2's answer for the same row can.
-            (I::Tech(0, 1), "=running", "RPPP", "0a2"),
-            (I::Ok(0, 1), "running", "SRPP", "1a1"),
-        ],
-    );
 }

@@ -35,6 +35,9 @@ struct Args {
     /// Seconds before an unacked input is redelivered (keep well below step timeouts).
     #[arg(long, env = "JETSAGA_ACK_WAIT_SECS", default_value_t = 5)]
     ack_wait_secs: u64,
+    /// Most waiting sagas whose state is kept in memory to save KV reads.
+    #[arg(long, env = "JETSAGA_CACHE_SIZE", default_value_t = 100_000)]
+    cache_size: usize,
     /// Connection name shown by the server.
     #[arg(long, env = "JETSAGA_NAME", default_value = "jetsaga-orchestrator")]
     name: String,
@@ -58,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         },
         concurrency: a.concurrency,
         name: a.name,
+        cache_size: a.cache_size,
     };
     driver::run(cfg, shutdown_signal()).await?;
     Ok(())

@@ -149,6 +149,13 @@ pub struct SagaState {
     pub updated_at: String,
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// The version at which the saga's watchdog timer was (re)armed: that state's effects carry
+    /// the watchdog, later states' do not (the watchdog re-arms itself while the saga waits).
+    #[serde(default)]
+    pub watchdog_armed_version: u64,
+    /// Due time of the live watchdog; a watchdog message with another due time is stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog_due_ms: Option<u64>,
     /// Events of the last transition, republished if its input is redelivered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<EventRecord>,
