@@ -290,7 +290,7 @@ async fn on_request(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
     match ctx.kv.create(&saga_id, to_bytes(&state)).await {
         Ok(revision) => {
             info!(saga_id = %saga_id, kind = %def.kind, step = %state.steps[0].name, service = %state.steps[0].service, "saga started");
-            let fx = engine::effects(def, &state);
+            let fx = engine::effects(&state);
             ctx.cache.put(&saga_id, Arc::new(state), revision);
             publish_effects(ctx, &fx).await?;
         }
@@ -300,8 +300,7 @@ async fn on_request(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
             })?;
             if existing.request_seq == seq {
                 // Our own earlier attempt created it and may have crashed before publishing.
-                let def = definition_of(ctx, &existing)?;
-                publish_effects(ctx, &engine::effects(def, &existing)).await?;
+                publish_effects(ctx, &engine::effects(&existing)).await?;
             } else {
                 info!(
                     saga_id = %saga_id, kind = %def.kind, status = existing.status.as_str(),
@@ -451,7 +450,7 @@ async fn apply_input(ctx: &Ctx, saga_id: &str, input: Input, input_id: &str) -> 
                 match ctx.kv.update(saga_id, to_bytes(&next), revision).await {
                     Ok(new_revision) => {
                         log_transition(&state, &next, input_id);
-                        let fx = engine::effects(def, &next);
+                        let fx = engine::effects(&next);
                         ctx.cache.put(saga_id, Arc::new(*next), new_revision);
                         return publish_effects(ctx, &fx).await;
                     }
@@ -473,7 +472,7 @@ async fn apply_input(ctx: &Ctx, saga_id: &str, input: Input, input_id: &str) -> 
                 if state.last_input == input_id {
                     // This input produced the current state; its first run may have stopped
                     // before publishing, so publish again (duplicates are dropped downstream).
-                    publish_effects(ctx, &engine::effects(def, &state)).await?;
+                    publish_effects(ctx, &engine::effects(&state)).await?;
                 }
                 return Ok(());
             }

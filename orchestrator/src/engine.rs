@@ -691,7 +691,7 @@ fn jitter_seed(saga_id: &str, step: usize, op: Op, attempt: u32) -> f64 {
 
 /// The commands, timers and events the state implies. Publishing them again is harmless: message
 /// ids dedup them in the streams and the participants' barrier absorbs late repeats.
-pub fn effects(def: &Definition, s: &SagaState) -> Effects {
+pub fn effects(s: &SagaState) -> Effects {
     let mut fx = Effects::default();
     for e in &s.events {
         fx.events.push(event_msg(s, e));

@@ -121,8 +121,8 @@ fn steps_code(s: &SagaState) -> String {
         .collect()
 }
 
-fn due_code(d: &Definition, s: &SagaState) -> String {
-    let fx = effects(d, s);
+fn due_code(s: &SagaState) -> String {
+    let fx = effects(s);
     if let Some(c) = fx.commands.first() {
         assert_eq!(fx.commands.len(), 1, "one command at a time");
         let o = if c.op == A { 'a' } else { 'c' };
@@ -144,7 +144,7 @@ fn run(name: &str, rows: &[Row]) -> SagaState {
     let mut s = start(&d, "o-1", input, 7, now);
     assert_eq!(s.status, SagaStatus::Running);
     assert_eq!(steps_code(&s), "RPPP", "{name}: start");
-    assert_eq!(due_code(&d, &s), "0a1", "{name}: start");
+    assert_eq!(due_code(&s), "0a1", "{name}: start");
     for (n, (i, status, steps, due)) in rows.iter().enumerate() {
         now += 1000;
         let input = to_input(&d, *i, now);
@@ -171,7 +171,7 @@ fn run(name: &str, rows: &[Row]) -> SagaState {
             }
         }
         assert_eq!(steps_code(&s), *steps, "{ctx}");
-        assert_eq!(due_code(&d, &s), *due, "{ctx}");
+        assert_eq!(due_code(&s), *due, "{ctx}");
     }
     s
 }
@@ -388,7 +388,7 @@ fn operator_abort_compensates_a_running_saga() {
 fn effects_are_derived_from_state_with_stable_ids() {
     let d = def();
     let s = start(&d, "o-1", json!({"order_id":"o-1"}), 3, 5_000);
-    let fx = effects(&d, &s);
+    let fx = effects(&s);
     assert_eq!(fx.commands[0].msg_id(), "o-1.0.create.1");
     assert_eq!(fx.commands[0].subject(), "saga.cmd.order.create");
     assert_eq!(fx.timers.len(), 1, "one watchdog, no timer per attempt");
@@ -397,14 +397,14 @@ fn effects_are_derived_from_state_with_stable_ids() {
     assert_eq!(fx.timers[0].msg_id(), "o-1.watchdog.35000");
     assert_eq!(fx.events[0].subject, "saga.events.o-1.started");
     // The same state always implies the same effects.
-    assert_eq!(fx, effects(&d, &s));
+    assert_eq!(fx, effects(&s));
     assert_eq!(s.last_input, engine::request_input_id(3));
     // Later states carry no watchdog: the armed one re-arms itself.
     let input = to_input(&d, I::Ok(0, 1), 6_000);
     let Transition::Applied(next) = apply(&d, &s, &input, "x", 6_000) else {
         panic!("applied")
     };
-    assert!(effects(&d, &next).timers.is_empty());
+    assert!(effects(&next).timers.is_empty());
 }
 
 fn watchdog(due_ms: u64) -> Input {
@@ -431,7 +431,7 @@ fn the_watchdog_rearms_times_out_and_ends_with_the_saga() {
     // Step 0 answers at 1 000; step 1 must be watched from 3 000: a new, earlier watchdog.
     let s = apply_ok(&s, to_input(&d, I::Ok(0, 1), 1_000), 1_000);
     assert_eq!(s.watchdog_due_ms, Some(3_000));
-    assert_eq!(effects(&d, &s).timers[0].msg_id(), "o-1.watchdog.3000");
+    assert_eq!(effects(&s).timers[0].msg_id(), "o-1.watchdog.3000");
     // The first one (30 000) is stale from now on.
     assert!(matches!(
         apply(&d, &s, &watchdog(30_000), "w", 30_000),
@@ -450,7 +450,7 @@ fn the_watchdog_rearms_times_out_and_ends_with_the_saga() {
     // The refund answers; order.cancel (30 s) is due at 34 000, later than the live one: kept.
     let s = apply_ok(&s, to_input(&d, I::COk(1, 1), 4_000), 4_000);
     assert_eq!(s.watchdog_due_ms, Some(5_000));
-    assert!(effects(&d, &s).timers.is_empty());
+    assert!(effects(&s).timers.is_empty());
     // The live one fires at 5 000, finds nothing overdue and hands over to one at 34 000.
     let s = apply_ok(&s, watchdog(5_000), 5_000);
     assert_eq!(s.status, SagaStatus::Compensating);
@@ -462,7 +462,7 @@ fn the_watchdog_rearms_times_out_and_ends_with_the_saga() {
         apply(&d, &s, &watchdog(34_000), "w", 34_000),
         Transition::Ignored(_)
     ));
-    assert!(effects(&d, &s).timers.is_empty());
+    assert!(effects(&s).timers.is_empty());
 }
 
 #[test]
@@ -471,7 +471,7 @@ fn the_watchdog_enforces_the_deadline_first() {
     d.deadline_ms = Some(10_000);
     let s = start(&d, "o-1", json!({}), 1, 0);
     assert_eq!(
-        effects(&d, &s).timers[0].due_ms,
+        effects(&s).timers[0].due_ms,
         10_000,
         "deadline before the 30 s timeout"
     );
@@ -506,7 +506,7 @@ fn an_operator_retry_rearms_the_watchdog_once_the_old_one_is_gone() {
         panic!()
     };
     assert_eq!(s.watchdog_due_ms, Some(later + 30_000));
-    assert!(effects(&d, &s)
+    assert!(effects(&s)
         .timers
         .iter()
         .any(|t| t.kind == TimerKind::Watchdog));
@@ -552,7 +552,7 @@ fn retry_delay_is_recorded_in_the_state() {
     let next = *next;
     let at = next.steps[0].retry_at_ms.unwrap();
     assert!((11_050..=11_150).contains(&at), "{at}");
-    assert_eq!(effects(&d, &next).timers[0].due_ms, at);
+    assert_eq!(effects(&next).timers[0].due_ms, at);
 }
 
 #[test]
