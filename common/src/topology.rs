@@ -164,6 +164,10 @@ pub async fn ensure_orchestrator(
         history: 1,
         storage: stream::StorageType::File,
         num_replicas: s.replicas,
+        // Lets a write carry its own TTL (`Nats-TTL`): the orchestrator gives terminal sagas a
+        // retention so the bucket stays bounded, while running sagas never expire. When a key
+        // expires the server leaves a delete marker for this long, so watchers see it go.
+        limit_markers: Some(Duration::from_secs(60)),
         ..Default::default()
     };
     js.create_or_update_key_value(bucket)

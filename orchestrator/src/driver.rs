@@ -18,7 +18,8 @@ use async_nats::{
     jetstream::{
         self,
         consumer::PullConsumer,
-        kv::{self, CreateErrorKind, UpdateErrorKind},
+        context::{PublishError, PublishErrorKind},
+        kv::{self, CreateErrorKind},
         AckKind, Message,
     },
 };
@@ -54,6 +55,9 @@ pub struct Config {
     pub name: String,
     /// Most sagas whose last written state is kept in memory (see [`StateCache`]).
     pub cache_size: usize,
+    /// How long a completed or compensated saga stays in the bucket (`None`: forever). After it
+    /// expires, a request with the same id would start a new saga.
+    pub terminal_retention: Option<Duration>,
 }
 
 impl Default for Config {
@@ -65,6 +69,7 @@ impl Default for Config {
             concurrency: 256,
             name: "jetsaga-orchestrator".into(),
             cache_size: 100_000,
+            terminal_retention: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -104,6 +109,7 @@ struct Ctx {
     kv: kv::Store,
     registry: Registry,
     cache: StateCache,
+    terminal_retention: Option<Duration>,
 }
 
 /// Runs the orchestrator until `shutdown` resolves, then finishes the inputs in hand and returns.
@@ -154,6 +160,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         kv,
         registry,
         cache: StateCache::new(cfg.cache_size),
+        terminal_retention: cfg.terminal_retention,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -408,16 +415,37 @@ async fn load(ctx: &Ctx, saga_id: &str) -> Result<Option<(SagaState, u64)>, Fail
 /// Most reload-and-retry rounds for one input before it is handed back to the server.
 const MAX_CAS_ROUNDS: usize = 64;
 
-fn is_conflict(e: &kv::UpdateError) -> bool {
+fn is_conflict(e: &PublishError) -> bool {
     match e.kind() {
-        UpdateErrorKind::WrongLastRevision => true,
+        PublishErrorKind::WrongLastSequence => true,
         // On replicated buckets a lost compare-and-set can arrive as error 10164.
-        UpdateErrorKind::Other => {
+        PublishErrorKind::Other => {
             let text = e.to_string();
             text.contains("10071") || text.contains("10164") || text.contains("wrong last sequence")
         }
         _ => false,
     }
+}
+
+/// A revision-checked write of a saga's state (KV `update`, done by hand so that a terminal
+/// state can carry a TTL: terminal sagas expire after the configured retention, running ones
+/// never do).
+async fn write_state(ctx: &Ctx, state: &SagaState, revision: u64) -> Result<u64, PublishError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        revision.to_string().as_str(),
+    );
+    if let (true, Some(ttl)) = (state.status.is_terminal(), ctx.terminal_retention) {
+        headers.insert("Nats-TTL", ttl.as_secs().max(1).to_string().as_str());
+    }
+    let subject = format!("$KV.{}.{}", topology::SAGAS_BUCKET, state.saga_id);
+    let ack = ctx
+        .js
+        .publish_with_headers(subject, headers, to_bytes(state))
+        .await?
+        .await?;
+    Ok(ack.sequence)
 }
 
 /// Steps 1–4 of the one rule for a saga that exists.
@@ -447,7 +475,7 @@ async fn apply_input(ctx: &Ctx, saga_id: &str, input: Input, input_id: &str) -> 
         let def = definition_of(ctx, &state)?;
         match engine::apply(def, &state, &input, input_id, now_ms()) {
             Transition::Applied(next) => {
-                match ctx.kv.update(saga_id, to_bytes(&next), revision).await {
+                match write_state(ctx, &next, revision).await {
                     Ok(new_revision) => {
                         log_transition(&state, &next, input_id);
                         let fx = engine::effects(&next);

@@ -38,6 +38,9 @@ struct Args {
     /// Most waiting sagas whose state is kept in memory to save KV reads.
     #[arg(long, env = "JETSAGA_CACHE_SIZE", default_value_t = 100_000)]
     cache_size: usize,
+    /// Seconds a completed or compensated saga stays in the `sagas` bucket (0: forever).
+    #[arg(long, env = "JETSAGA_TERMINAL_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    terminal_retention_secs: u64,
     /// Connection name shown by the server.
     #[arg(long, env = "JETSAGA_NAME", default_value = "jetsaga-orchestrator")]
     name: String,
@@ -62,6 +65,8 @@ async fn main() -> anyhow::Result<()> {
         concurrency: a.concurrency,
         name: a.name,
         cache_size: a.cache_size,
+        terminal_retention: (a.terminal_retention_secs > 0)
+            .then(|| std::time::Duration::from_secs(a.terminal_retention_secs)),
     };
     driver::run(cfg, shutdown_signal()).await?;
     Ok(())

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{order, System};
+use support::{order, Options, System};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -352,4 +352,36 @@ async fn a_killed_orchestrator_restarted_finishes_every_saga_once() {
     );
     assert_eq!(sys.stock("sku-1").await, 1000 - reserved);
     assert_eq!(sys.stock("sku-3").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_sagas_expire_after_the_retention_and_running_ones_stay() {
+    let mut sys = System::start_with(Options {
+        orchestrator_env: vec![("JETSAGA_TERMINAL_RETENTION_SECS", "2".into())],
+        ..Options::default()
+    })
+    .await;
+    sys.publish(&order("ret-done", "c-1", "sku-1", 1, 10), None)
+        .await;
+    assert_eq!(
+        sys.wait_terminal("ret-done", WAIT).await["status"],
+        "completed"
+    );
+    sys.service("inventory").kill();
+    sys.publish(&order("ret-waiting", "c-1", "sku-1", 1, 10), None)
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sys.saga("ret-done").await.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "terminal saga never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let waiting = sys
+        .saga("ret-waiting")
+        .await
+        .expect("a running saga never expires");
+    assert_eq!(waiting["status"], "running");
 }

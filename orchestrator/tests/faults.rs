@@ -253,8 +253,19 @@ async fn a_nats_server_killed_and_restarted_mid_batch_loses_nothing() {
     for (id, body, _, _, _) in &batch {
         sys.publish_acked(body, &format!("req-{id}")).await;
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Kill it while most of the batch is in flight (how many were done is logged below).
+    let untaken = sys
+        .js
+        .get_stream("JETSAGA_REQUESTS")
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap()
+        .state
+        .messages;
     sys.nats.kill();
+    eprintln!("requests not yet taken by the orchestrator at the kill: {untaken}");
     tokio::time::sleep(Duration::from_millis(1000)).await;
     sys.nats.restart();
     check_mixed(&sys, &batch).await;

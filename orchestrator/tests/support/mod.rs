@@ -46,6 +46,8 @@ pub struct Options {
     pub definition: Option<Value>,
     /// Extra environment per service: (service, key, value).
     pub service_env: Vec<(&'static str, &'static str, String)>,
+    /// Extra environment for the orchestrators.
+    pub orchestrator_env: Vec<(&'static str, String)>,
 }
 
 impl Default for Options {
@@ -54,6 +56,7 @@ impl Default for Options {
             orchestrators: 1,
             definition: None,
             service_env: Vec::new(),
+            orchestrator_env: Vec::new(),
         }
     }
 }
@@ -100,13 +103,19 @@ impl System {
             std::fs::write(&path, def.to_string()).unwrap();
             orch_args = vec!["--definition".to_string(), path.display().to_string()];
         }
+        let mut orch_env = base_env.clone();
+        orch_env.extend(
+            opts.orchestrator_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone())),
+        );
         let mut orchs = Vec::new();
         for i in 0..opts.orchestrators {
             orchs.push(Proc::spawn(
                 &format!("orchestrator-{i}"),
                 bin("jetsaga-orchestrator"),
                 orch_args.clone(),
-                base_env.clone(),
+                orch_env.clone(),
                 dir.path().join(format!("orchestrator-{i}.log")),
             ));
         }
@@ -296,16 +305,26 @@ impl System {
         }
     }
 
+    /// Asks a service; retries while it has no responder (e.g. still reconnecting after a
+    /// server restart), for at most 20 s.
     pub async fn query(&self, svc: &str, what: &str, req: Value) -> Value {
-        let reply = tokio::time::timeout(
-            Duration::from_secs(10),
-            self.client
-                .request(protocol::query_subject(svc, what), req.to_string().into()),
-        )
-        .await
-        .expect("query answered in time")
-        .expect("query answered");
-        serde_json::from_slice(&reply.payload).unwrap()
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let subject = protocol::query_subject(svc, what);
+            let got = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.client.request(subject.clone(), req.to_string().into()),
+            )
+            .await;
+            match got {
+                Ok(Ok(reply)) => return serde_json::from_slice(&reply.payload).unwrap(),
+                other => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{subject} not answered: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub async fn balance(&self, customer: &str) -> i64 {
