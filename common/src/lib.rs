@@ -7,6 +7,7 @@
 
 pub mod dlq;
 pub mod ids;
+pub mod metrics;
 pub mod nats;
 pub mod protocol;
 pub mod telemetry;

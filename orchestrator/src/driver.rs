@@ -32,12 +32,14 @@ use tracing::{debug, error, info, warn};
 use crate::{
     definition::{self, Definition, Registry},
     engine::{self, Effects, Input, Operator, Timer, Transition},
+    metrics::Metrics,
     state::SagaState,
 };
 use jetsaga_common::{
     dlq,
+    metrics::Readiness,
     nats::{self as jsnats, ConnectConfig},
-    protocol::Reply,
+    protocol::{Op, Reply},
     time::now_ms,
     topology::{self, Settings},
 };
@@ -58,6 +60,8 @@ pub struct Config {
     /// How long a completed or compensated saga stays in the bucket (`None`: forever). After it
     /// expires, a request with the same id would start a new saga.
     pub terminal_retention: Option<Duration>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (`None`: nowhere).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -70,6 +74,7 @@ impl Default for Config {
             name: "jetsaga-orchestrator".into(),
             cache_size: 100_000,
             terminal_retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            metrics_addr: None,
         }
     }
 }
@@ -82,6 +87,8 @@ pub enum Error {
     Connect(#[from] async_nats::ConnectError),
     #[error(transparent)]
     Topology(#[from] topology::Error),
+    #[error("cannot serve metrics: {0}")]
+    Metrics(std::io::Error),
     #[error("consumer {name}: {source}")]
     Consume {
         name: String,
@@ -110,11 +117,23 @@ struct Ctx {
     registry: Registry,
     cache: StateCache,
     terminal_retention: Option<Duration>,
+    metrics: Metrics,
 }
 
 /// Runs the orchestrator until `shutdown` resolves, then finishes the inputs in hand and returns.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
     let registry = Registry::load(&cfg.definitions)?;
+    let metrics = Metrics::default();
+    // Serve /healthz before connecting: the process is up even while NATS is not.
+    let ready = match cfg.metrics_addr {
+        Some(addr) => Some(
+            jetsaga_common::metrics::serve(addr, metrics.registry())
+                .await
+                .map_err(Error::Metrics)?
+                .1,
+        ),
+        None => None,
+    };
     let client = jsnats::connect(&cfg.nats, &cfg.name).await?;
     let js = jetstream::new(client.clone());
     let kv = topology::ensure_orchestrator(&js, &cfg.settings, registry.triggers()).await?;
@@ -161,7 +180,55 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         registry,
         cache: StateCache::new(cfg.cache_size),
         terminal_retention: cfg.terminal_retention,
+        metrics: metrics.clone(),
     });
+    if let Some(ready) = ready {
+        ready.set(Readiness {
+            client: client.clone(),
+            streams: [
+                topology::REQUESTS_STREAM,
+                topology::COMMANDS_STREAM,
+                topology::REPLIES_STREAM,
+                topology::TIMERS_STREAM,
+                topology::OPS_STREAM,
+            ]
+            .map(String::from)
+            .to_vec(),
+        });
+    }
+    let lag = {
+        let m = metrics.clone();
+        let js = ctx.js.clone();
+        let consumers = vec![
+            (
+                topology::REQUESTS_STREAM,
+                topology::ORCHESTRATOR_REQUESTS_CONSUMER,
+            ),
+            (
+                topology::REPLIES_STREAM,
+                topology::ORCHESTRATOR_REPLIES_CONSUMER,
+            ),
+            (
+                topology::TIMERS_STREAM,
+                topology::ORCHESTRATOR_TIMERS_CONSUMER,
+            ),
+            (topology::OPS_STREAM, topology::ORCHESTRATOR_OPS_CONSUMER),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let c = ctx.clone();
+        tokio::spawn(async move {
+            let sample = m.common.sample_lag(js, consumers, Duration::from_secs(5));
+            let cached = async {
+                loop {
+                    m.waiting_sagas_cached.set(c.cache.len() as i64);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            };
+            tokio::join!(sample, cached);
+        })
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     for (durable, consumer) in pulls {
@@ -185,6 +252,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
             Err(e) => error!(error = %e, "consumer task panicked"),
         }
     }
+    lag.abort();
     let _ = client.flush().await;
     info!("orchestrator stopped");
     Ok(())
@@ -239,6 +307,8 @@ async fn consume(
 
 /// Handles one message and settles it: ack, dead-letter + term, or NAK with a delay.
 async fn handle(ctx: &Ctx, durable: &'static str, msg: Message) {
+    ctx.metrics.common.note_delivery(durable, &msg);
+    ctx.metrics.inputs_in_hand.inc();
     let result = match durable {
         topology::ORCHESTRATOR_REQUESTS_CONSUMER => on_request(ctx, &msg).await,
         topology::ORCHESTRATOR_REPLIES_CONSUMER => on_reply(ctx, &msg).await,
@@ -257,8 +327,17 @@ async fn handle(ctx: &Ctx, durable: &'static str, msg: Message) {
         Err(Fail::Bad(reason)) => {
             let kind = durable.trim_start_matches("orchestrator-");
             warn!(subject = %msg.subject, %reason, "input refused; dead-lettering it");
-            if let Err(e) = dlq::dead_letter(&ctx.js, kind, &msg, &reason).await {
-                error!(subject = %msg.subject, error = %e, "cannot dead-letter; it will be redelivered");
+            match dlq::dead_letter(&ctx.js, kind, &msg, &reason).await {
+                Ok(()) => {
+                    ctx.metrics
+                        .common
+                        .dead_letters
+                        .get_or_create(&jetsaga_common::metrics::labels(&[("source", kind)]))
+                        .inc();
+                }
+                Err(e) => {
+                    error!(subject = %msg.subject, error = %e, "cannot dead-letter; it will be redelivered")
+                }
             }
         }
         Err(Fail::Transient(reason)) => {
@@ -268,6 +347,7 @@ async fn handle(ctx: &Ctx, durable: &'static str, msg: Message) {
                 .await;
         }
     }
+    ctx.metrics.inputs_in_hand.dec();
 }
 
 /// How a handled input is settled.
@@ -297,6 +377,7 @@ async fn on_request(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
     match ctx.kv.create(&saga_id, to_bytes(&state)).await {
         Ok(revision) => {
             info!(saga_id = %saga_id, kind = %def.kind, step = %state.steps[0].name, service = %state.steps[0].service, "saga started");
+            ctx.metrics.saga_event(&def.kind, "started");
             let fx = engine::effects(&state);
             ctx.cache.put(&saga_id, Arc::new(state), revision);
             publish_effects(ctx, &fx).await?;
@@ -478,12 +559,14 @@ async fn apply_input(ctx: &Ctx, saga_id: &str, input: Input, input_id: &str) -> 
                 match write_state(ctx, &next, revision).await {
                     Ok(new_revision) => {
                         log_transition(&state, &next, input_id);
+                        observe(&ctx.metrics, &state, &next, &input);
                         let fx = engine::effects(&next);
                         ctx.cache.put(saga_id, Arc::new(*next), new_revision);
                         return publish_effects(ctx, &fx).await;
                     }
                     Err(e) if is_conflict(&e) => {
                         debug!(saga_id, input = input_id, "revision conflict; reloading");
+                        ctx.metrics.cas_conflicts.inc();
                         ctx.cache.remove(saga_id);
                         continue;
                     }
@@ -554,6 +637,44 @@ impl StateCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Metrics of one applied transition: lifecycle events, retries, and the latency of the step
+/// whose reply was applied.
+fn observe(m: &Metrics, before: &SagaState, after: &SagaState, input: &Input) {
+    for e in &after.events {
+        match e.event.as_str() {
+            "completed" | "compensated" | "stuck" => m.saga_event(&after.kind, &e.event),
+            "step_retrying" => {
+                if let Some((i, op)) = after.awaiting() {
+                    let st = &after.steps[i];
+                    let action = match op {
+                        Op::Action => st.action.as_str(),
+                        Op::Compensation => st.compensation.as_deref().unwrap_or("-"),
+                    };
+                    m.retry(&st.service, action, op.as_str());
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Input::Reply(r) = input {
+        let Some(st) = before.steps.get(r.step as usize) else {
+            return;
+        };
+        if let Some(sent) = st.dispatched_at_ms {
+            let action = match r.op {
+                Op::Action => st.action.as_str(),
+                Op::Compensation => st.compensation.as_deref().unwrap_or("-"),
+            };
+            let outcome = serde_json::to_value(r.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let secs = after.updated_ms.saturating_sub(sent) as f64 / 1000.0;
+            m.step(&st.service, action, r.op.as_str(), &outcome, secs);
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod definition;
 pub mod driver;
 pub mod engine;
+pub mod metrics;
 pub mod schema;
 pub mod state;
 

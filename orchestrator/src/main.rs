@@ -41,6 +41,9 @@ struct Args {
     /// Seconds a completed or compensated saga stays in the `sagas` bucket (0: forever).
     #[arg(long, env = "JETSAGA_TERMINAL_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     terminal_retention_secs: u64,
+    /// Serve /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9090); off if unset.
+    #[arg(long, env = "JETSAGA_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Connection name shown by the server.
     #[arg(long, env = "JETSAGA_NAME", default_value = "jetsaga-orchestrator")]
     name: String,
@@ -65,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
         concurrency: a.concurrency,
         name: a.name,
         cache_size: a.cache_size,
+        metrics_addr: a.metrics_addr,
         terminal_retention: (a.terminal_retention_secs > 0)
             .then(|| std::time::Duration::from_secs(a.terminal_retention_secs)),
     };
