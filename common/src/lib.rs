@@ -14,3 +14,4 @@ pub mod telemetry;
 pub mod testkit;
 pub mod time;
 pub mod topology;
+pub mod trace;

@@ -42,6 +42,7 @@ use jetsaga_common::{
     protocol::{Op, Reply},
     time::now_ms,
     topology::{self, Settings},
+    trace,
 };
 
 /// Orchestrator configuration.
@@ -373,10 +374,16 @@ async fn on_request(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
         })?;
     let (saga_id, input) = validate_request(def, &msg.payload).map_err(Fail::Bad)?;
     let seq = stream_seq(msg);
-    let state = engine::start(def, &saga_id, input, seq, now_ms());
+    let mut state = engine::start(def, &saga_id, input, seq, now_ms());
+    let incoming = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(trace::TRACEPARENT))
+        .and_then(|v| trace::trace_id(v.as_str()).map(str::to_string));
+    state.trace_id = Some(incoming.unwrap_or_else(trace::new_trace_id));
     match ctx.kv.create(&saga_id, to_bytes(&state)).await {
         Ok(revision) => {
-            info!(saga_id = %saga_id, kind = %def.kind, step = %state.steps[0].name, service = %state.steps[0].service, "saga started");
+            info!(saga_id = %saga_id, kind = %def.kind, step = %state.steps[0].name, service = %state.steps[0].service, trace_id = state.trace_id.as_deref().unwrap_or("-"), "saga started");
             ctx.metrics.saga_event(&def.kind, "started");
             let fx = engine::effects(&state);
             ctx.cache.put(&saga_id, Arc::new(state), revision);
@@ -692,9 +699,9 @@ fn log_transition(before: &SagaState, after: &SagaState, input: &str) {
             .map(|s| (s.name.as_str(), s.service.as_str()))
             .unwrap_or(("-", "-"));
         if e.event == "stuck" {
-            error!(saga_id = %after.saga_id, kind = %after.kind, step, service, event = %e.event, detail, "saga parked");
+            error!(saga_id = %after.saga_id, kind = %after.kind, step, service, event = %e.event, detail, trace_id = after.trace_id.as_deref().unwrap_or("-"), "saga parked");
         } else {
-            info!(saga_id = %after.saga_id, kind = %after.kind, step, service, event = %e.event, detail, status = after.status.as_str(), "saga event");
+            info!(saga_id = %after.saga_id, kind = %after.kind, step, service, event = %e.event, detail, status = after.status.as_str(), trace_id = after.trace_id.as_deref().unwrap_or("-"), "saga event");
         }
     }
     if before.status != after.status {
@@ -718,8 +725,16 @@ async fn publish_effects(ctx: &Ctx, fx: &Effects) -> Result<(), Fail> {
     for e in &fx.events {
         pubs.push((e.subject.clone(), e.msg_id.clone(), to_bytes(&e.payload)));
     }
+    let trace_id = fx.trace_id.as_deref();
     try_join_all(pubs.into_iter().map(|(subject, id, payload)| async move {
-        jsnats::publish(&ctx.js, subject, &id, HeaderMap::new(), payload).await
+        let mut headers = HeaderMap::new();
+        if let Some(t) = trace_id {
+            headers.insert(
+                trace::TRACEPARENT,
+                trace::traceparent(t, &trace::span_id(&id)).as_str(),
+            );
+        }
+        jsnats::publish(&ctx.js, subject, &id, headers, payload).await
     }))
     .await
     .map(|_| ())

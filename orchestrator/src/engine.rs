@@ -131,6 +131,8 @@ pub struct Effects {
     pub commands: Vec<Command>,
     pub timers: Vec<Timer>,
     pub events: Vec<EventMsg>,
+    /// The saga's trace id, for the `traceparent` header of everything published.
+    pub trace_id: Option<String>,
 }
 
 fn event(name: &str, step: Option<&str>, detail: Option<String>) -> EventRecord {
@@ -186,6 +188,7 @@ pub fn start(
         last_input: request_input_id(request_seq),
         watchdog_armed_version: 0,
         watchdog_due_ms: None,
+        trace_id: None,
         created_at: at.clone(),
         updated_at: at,
         created_ms: now,
@@ -692,7 +695,10 @@ fn jitter_seed(saga_id: &str, step: usize, op: Op, attempt: u32) -> f64 {
 /// The commands, timers and events the state implies. Publishing them again is harmless: message
 /// ids dedup them in the streams and the participants' barrier absorbs late repeats.
 pub fn effects(s: &SagaState) -> Effects {
-    let mut fx = Effects::default();
+    let mut fx = Effects {
+        trace_id: s.trace_id.clone(),
+        ..Effects::default()
+    };
     for e in &s.events {
         fx.events.push(event_msg(s, e));
     }

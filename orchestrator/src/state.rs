@@ -156,6 +156,10 @@ pub struct SagaState {
     /// Due time of the live watchdog; a watchdog message with another due time is stale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watchdog_due_ms: Option<u64>,
+    /// W3C trace id of the saga: the request's `traceparent`, or a new one. Every command and
+    /// event carries it, so one saga is one trace across processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// Events of the last transition, republished if its input is redelivered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<EventRecord>,
