@@ -21,23 +21,78 @@ use bytes::Bytes;
 use crate::protocol::MSG_ID;
 
 /// Where and as whom to connect.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ConnectConfig {
+    /// One URL, or several comma-separated (the members of a cluster).
     pub url: String,
     pub user: Option<String>,
     pub password: Option<String>,
+    pub tls: Tls,
+}
+
+/// TLS settings: a CA to trust (for a server certificate not signed by a public CA) and an
+/// optional client certificate. Any of them, or a `tls://` URL, makes TLS required.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    pub ca_file: Option<std::path::PathBuf>,
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|s| !s.is_empty())
+}
+
+impl Tls {
+    /// Reads `NATS_CA_FILE`, `NATS_CERT_FILE` and `NATS_KEY_FILE`.
+    pub fn from_env() -> Self {
+        Tls {
+            ca_file: env("NATS_CA_FILE").map(Into::into),
+            cert_file: env("NATS_CERT_FILE").map(Into::into),
+            key_file: env("NATS_KEY_FILE").map(Into::into),
+        }
+    }
 }
 
 impl ConnectConfig {
-    /// Reads `NATS_URL` (default `nats://127.0.0.1:4222`), `NATS_USER` and `NATS_PASSWORD`.
+    /// Reads `NATS_URL` (default `nats://127.0.0.1:4222`), `NATS_USER`, `NATS_PASSWORD` and the
+    /// TLS variables of [`Tls::from_env`].
     pub fn from_env() -> Self {
         ConnectConfig {
-            url: std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
-            user: std::env::var("NATS_USER").ok().filter(|s| !s.is_empty()),
-            password: std::env::var("NATS_PASSWORD")
-                .ok()
-                .filter(|s| !s.is_empty()),
+            url: env("NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+            user: env("NATS_USER"),
+            password: env("NATS_PASSWORD"),
+            tls: Tls::from_env(),
         }
+    }
+
+    /// Applies credentials and TLS to connect options.
+    pub fn apply(&self, mut opts: ConnectOptions) -> ConnectOptions {
+        if let (Some(u), Some(p)) = (&self.user, &self.password) {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        let t = &self.tls;
+        if let Some(ca) = &t.ca_file {
+            opts = opts.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&t.cert_file, &t.key_file) {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        if t.ca_file.is_some() || t.cert_file.is_some() || self.url.starts_with("tls://") {
+            opts = opts.require_tls(true);
+        }
+        opts
+    }
+
+    /// The server addresses of `url` (comma-separated).
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, async_nats::ConnectError> {
+        self.url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::ServerParse, e)
+            })
     }
 }
 
@@ -45,7 +100,7 @@ impl ConnectConfig {
 /// server's connection list (`/connz`), which helps when several processes share a server.
 pub async fn connect(cfg: &ConnectConfig, name: &str) -> Result<Client, async_nats::ConnectError> {
     let who = name.to_string();
-    let mut opts = ConnectOptions::new()
+    let opts = ConnectOptions::new()
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -67,10 +122,7 @@ pub async fn connect(cfg: &ConnectConfig, name: &str) -> Result<Client, async_na
                 }
             }
         });
-    if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
-        opts = opts.user_and_password(u.clone(), p.clone());
-    }
-    opts.connect(&cfg.url).await
+    cfg.apply(opts).connect(cfg.servers()?).await
 }
 
 /// How long [`publish`] keeps retrying a publish the server did not confirm.

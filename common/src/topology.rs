@@ -138,6 +138,32 @@ pub async fn ensure_shared(js: &jetstream::Context, s: &Settings) -> Result<(), 
     reconcile(js, limits(DLQ_STREAM, "saga.dlq.>", s.dlq_max_age, s)).await
 }
 
+/// What a participant needs before it can consume: the shared streams must exist. Unlike
+/// [`ensure_shared`] it never changes an existing stream: the orchestrator owns stream
+/// configuration, and under the shipped `nats.conf` a service may only look streams up (it may
+/// create one only where its permissions allow, e.g. in tests without the orchestrator).
+pub async fn ensure_shared_exist(js: &jetstream::Context, s: &Settings) -> Result<(), Error> {
+    let wanted = [
+        work_queue(COMMANDS_STREAM, vec!["saga.cmd.>".into()], s),
+        work_queue(REPLIES_STREAM, vec!["saga.reply.>".into()], s),
+        limits(DLQ_STREAM, "saga.dlq.>", s.dlq_max_age, s),
+    ];
+    for cfg in wanted {
+        if js.get_stream(&cfg.name).await.is_ok() {
+            continue;
+        }
+        let name = cfg.name.clone();
+        js.create_stream(cfg)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Stream {
+                name,
+                source: jetstream::context::CreateStreamError::with_source(e.kind(), e),
+            })?;
+    }
+    Ok(())
+}
+
 /// Everything the orchestrator owns: the requests stream (one subject per definition trigger),
 /// timers, operator commands, events, the `sagas` bucket, plus the shared streams.
 pub async fn ensure_orchestrator(

@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
             url: a.nats_url,
             user: a.nats_user,
             password: a.nats_password,
+            tls: jetsaga_common::nats::Tls::from_env(),
         },
         definitions: a.definitions,
         settings: Settings {

@@ -49,6 +49,7 @@ impl Args {
             url: self.nats_url,
             user: self.nats_user.filter(|s| !s.is_empty()),
             password: self.nats_password.filter(|s| !s.is_empty()),
+            tls: jetsaga_common::nats::Tls::from_env(),
         };
         let db = self
             .db

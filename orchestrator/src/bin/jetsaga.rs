@@ -13,7 +13,12 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use jetsaga_common::{protocol, time::now_ms, topology};
+use jetsaga_common::{
+    nats::{ConnectConfig, Tls},
+    protocol,
+    time::now_ms,
+    topology,
+};
 use jetsaga_orchestrator::state::{SagaState, SagaStatus};
 
 #[derive(Debug, Parser)]
@@ -132,12 +137,15 @@ enum DlqCmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut opts = async_nats::ConnectOptions::new().name("jetsaga-cli");
-    if let (Some(u), Some(p)) = (&cli.nats_user, &cli.nats_password) {
-        opts = opts.user_and_password(u.clone(), p.clone());
-    }
+    let cfg = ConnectConfig {
+        url: cli.nats_url.clone(),
+        user: cli.nats_user.clone(),
+        password: cli.nats_password.clone(),
+        tls: Tls::from_env(),
+    };
+    let opts = cfg.apply(async_nats::ConnectOptions::new().name("jetsaga-cli"));
     let client = opts
-        .connect(&cli.nats_url)
+        .connect(cfg.servers()?)
         .await
         .with_context(|| format!("cannot connect to {}", cli.nats_url))?;
     let js = jetstream::new(client.clone());
