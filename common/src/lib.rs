@@ -5,6 +5,7 @@
 //! Everything a participant written in another language needs to join a saga is in [`protocol`]
 //! and [`topology`]; the README documents the same contract.
 
+pub mod dev;
 pub mod dlq;
 pub mod ids;
 pub mod metrics;

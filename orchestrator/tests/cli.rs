@@ -5,7 +5,7 @@ mod support;
 
 use std::{process::Command, time::Duration};
 
-use jetsaga_common::testkit::bin;
+use jetsaga_common::{dev, testkit::bin};
 use serde_json::json;
 use support::{order, System};
 
@@ -13,6 +13,7 @@ fn jetsaga(sys: &System, args: &[&str]) -> (bool, String) {
     let out = Command::new(bin("jetsaga"))
         .args(args)
         .env("NATS_URL", sys.nats.url())
+        .envs(dev::credentials("admin"))
         .output()
         .unwrap();
     let text = format!(
@@ -88,6 +89,7 @@ async fn operators_can_do_their_job_with_the_cli() {
     let mut watcher = std::process::Command::new(bin("jetsaga"))
         .args(["watch", "cli-3"])
         .env("NATS_URL", sys.nats.url())
+        .envs(dev::credentials("admin"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -12,7 +12,7 @@ use async_nats::{
 };
 use futures::StreamExt;
 use jetsaga_common::{
-    protocol,
+    dev, protocol,
     testkit::{bin, NatsServer, Proc},
     topology,
 };
@@ -104,6 +104,7 @@ impl System {
             orch_args = vec!["--definition".to_string(), path.display().to_string()];
         }
         let mut orch_env = base_env.clone();
+        orch_env.extend(dev::credentials("orchestrator"));
         orch_env.extend(
             opts.orchestrator_env
                 .iter()
@@ -119,7 +120,9 @@ impl System {
                 dir.path().join(format!("orchestrator-{i}.log")),
             ));
         }
-        let client = async_nats::connect(nats.url()).await.unwrap();
+        // The test client is an operator: it may publish requests and operator commands, read
+        // the bucket and the streams, query services and watch traffic, as nats.conf allows.
+        let client = dev::connect_as(&nats.url(), "admin").await.unwrap();
         let js = jetstream::new(client.clone());
         let mut sys = System {
             nats,
@@ -160,6 +163,7 @@ impl System {
                 .to_string(),
         ));
         env.push(("JETSAGA_SEED".into(), self.seed_path.display().to_string()));
+        env.extend(dev::credentials(svc));
         env.extend(extra);
         self.services.insert(
             svc,
