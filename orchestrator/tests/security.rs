@@ -55,11 +55,17 @@ async fn each_user_can_do_its_job_and_nothing_else() {
     // The client user may start a saga (and gets the stream's ack, like `nats req`) ...
     let (client, mut client_errors) = connect(&url, "client").await;
     let ack = client
-        .request("orders.create", order("sec-1", "c-1", "sku-1", 1, 10).into())
+        .request(
+            "orders.create",
+            order("sec-1", "c-1", "sku-1", 1, 10).into(),
+        )
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&ack.payload).contains("JETSAGA_REQUESTS"));
-    assert_eq!(sys.wait_terminal("sec-1", Duration::from_secs(60)).await["status"], "completed");
+    assert_eq!(
+        sys.wait_terminal("sec-1", Duration::from_secs(60)).await["status"],
+        "completed"
+    );
     // ... but not publish a command.
     client
         .publish("saga.cmd.payment.deduct", "{}".into())
@@ -77,11 +83,21 @@ async fn each_user_can_do_its_job_and_nothing_else() {
     // ... nor through the order service's durable consumer ...
     let next = tokio::time::timeout(
         Duration::from_secs(3),
-        payment.request("$JS.API.CONSUMER.MSG.NEXT.JETSAGA_COMMANDS.svc-order", "1".into()),
+        payment.request(
+            "$JS.API.CONSUMER.MSG.NEXT.JETSAGA_COMMANDS.svc-order",
+            "1".into(),
+        ),
     )
     .await;
-    assert!(!matches!(next, Ok(Ok(_))), "pull from svc-order must fail: {next:?}");
-    expect_violation(&mut payment_errors, "$JS.API.CONSUMER.MSG.NEXT.JETSAGA_COMMANDS.svc-order").await;
+    assert!(
+        !matches!(next, Ok(Ok(_))),
+        "pull from svc-order must fail: {next:?}"
+    );
+    expect_violation(
+        &mut payment_errors,
+        "$JS.API.CONSUMER.MSG.NEXT.JETSAGA_COMMANDS.svc-order",
+    )
+    .await;
     // ... nor by making a consumer of its own on them.
     let create = tokio::time::timeout(
         Duration::from_secs(3),
@@ -95,9 +111,15 @@ async fn each_user_can_do_its_job_and_nothing_else() {
         ),
     )
     .await;
-    assert!(!matches!(create, Ok(Ok(_))), "a consumer on order commands must fail");
+    assert!(
+        !matches!(create, Ok(Ok(_))),
+        "a consumer on order commands must fail"
+    );
     // It cannot publish a reply as inventory.
-    payment.publish("saga.reply.inventory", "{}".into()).await.unwrap();
+    payment
+        .publish("saga.reply.inventory", "{}".into())
+        .await
+        .unwrap();
     payment.flush().await.unwrap();
     expect_violation(&mut payment_errors, "saga.reply.inventory").await;
     // It cannot write the sagas bucket.
@@ -108,7 +130,10 @@ async fn each_user_can_do_its_job_and_nothing_else() {
     payment.flush().await.unwrap();
     expect_violation(&mut payment_errors, "$KV.sagas.sec-1").await;
     let s = sys.saga("sec-1").await.unwrap();
-    assert!(s["saga_id"] == "sec-1" && s["steps"].is_array(), "the saga is untouched: {s}");
+    assert!(
+        s["saga_id"] == "sec-1" && s["steps"].is_array(),
+        "the saga is untouched: {s}"
+    );
     // Nor can the admin user, who may read it.
     let (admin, mut admin_errors) = connect(&url, "admin").await;
     admin.publish("$KV.sagas.sec-1", "{}".into()).await.unwrap();
@@ -136,12 +161,23 @@ async fn a_process_logs_the_permission_violations_it_meets() {
         "payment-as-order",
         bin("jetsaga-payment"),
         vec![],
-        [env, vec![("JETSAGA_DB".into(), sys.dir().join("p2.sqlite").display().to_string())]].concat(),
+        [
+            env,
+            vec![(
+                "JETSAGA_DB".into(),
+                sys.dir().join("p2.sqlite").display().to_string(),
+            )],
+        ]
+        .concat(),
         sys.dir().join("payment-as-order.log"),
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !p.output().to_lowercase().contains("permissions violation") {
-        assert!(tokio::time::Instant::now() < deadline, "no violation logged:\n{}", p.output());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no violation logged:\n{}",
+            p.output()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
