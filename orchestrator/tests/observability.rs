@@ -10,8 +10,10 @@ use support::{http_get, order, Options, System};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_orchestrator_exposes_metrics_health_and_readiness() {
     let addr = format!("127.0.0.1:{}", free_port());
+    let payment_addr = format!("127.0.0.1:{}", free_port());
     let mut sys = System::start_with(Options {
         orchestrator_env: vec![("JETSAGA_METRICS_ADDR", addr.clone())],
+        service_env: vec![("payment", "JETSAGA_METRICS_ADDR", payment_addr.clone())],
         ..Options::default()
     })
     .await;
@@ -44,6 +46,17 @@ async fn the_orchestrator_exposes_metrics_health_and_readiness() {
         "jetsaga_inputs_in_hand",
     ] {
         assert!(body.contains(want), "missing {want} in\n{body}");
+    }
+    // The payment service has its own.
+    assert_eq!(http_get(&payment_addr, "/readyz").0, 200);
+    let (_, body) = http_get(&payment_addr, "/metrics");
+    for want in [
+        r#"jetsaga_commands_total{service="payment",action="deduct",op="action",decision="ran",outcome="success"} 1"#,
+        r#"jetsaga_commands_total{service="payment",action="deduct",op="action",decision="ran",outcome="business_failure"} 1"#,
+        "jetsaga_batch_commands_count",
+        "jetsaga_batch_seconds_bucket",
+    ] {
+        assert!(body.contains(want), "payment metrics miss {want} in\n{body}");
     }
     // Without its server the orchestrator is alive but not ready.
     sys.nats.kill();

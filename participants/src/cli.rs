@@ -39,6 +39,9 @@ pub struct Args {
     /// match the orchestrator's.
     #[arg(long, env = "JETSAGA_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
+    /// Serve /metrics, /healthz and /readyz here (e.g. 127.0.0.1:9091); off if unset.
+    #[arg(long, env = "JETSAGA_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Args {
@@ -63,6 +66,7 @@ impl Args {
             ..Default::default()
         };
         config.faults = Faults::from_env();
+        config.metrics_addr = self.metrics_addr;
         Ok(config)
     }
 }

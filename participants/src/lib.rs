@@ -13,6 +13,7 @@ pub mod barrier;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod metrics;
 pub mod runtime;
 pub mod seed;
 pub mod service;

@@ -35,9 +35,10 @@ use async_nats::{
 use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
 use jetsaga_common::{
     dlq, ids,
+    metrics::Readiness,
     nats::{connect, publish},
-    protocol::{self, Command, Op, Outcome, Reply},
-    topology,
+    protocol::{self, Command, Outcome, Reply},
+    topology, trace,
 };
 use rusqlite::{Connection, TransactionBehavior};
 use serde_json::{json, Value};
@@ -45,6 +46,7 @@ use tokio::task::JoinSet;
 
 use crate::{
     barrier::{self, Decision, Handled},
+    metrics::Metrics,
     config::{Config, Faults},
     db,
     service::Service,
@@ -76,6 +78,8 @@ pub enum Error {
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("a blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("cannot serve metrics: {0}")]
+    Metrics(std::io::Error),
 }
 
 /// Logs an event about one command with the fields every such line carries.
@@ -153,8 +157,40 @@ pub async fn run<S: Service>(
         tracing::warn!(service = name, faults = ?config.faults, "fault injection is ON");
     }
 
+    let metrics = Metrics::default();
+    // Served before connecting: /healthz answers even while NATS is away.
+    let ready = match config.metrics_addr {
+        Some(addr) => Some(
+            jetsaga_common::metrics::serve(addr, metrics.registry())
+                .await
+                .map_err(Error::Metrics)?
+                .1,
+        ),
+        None => None,
+    };
     let client = connect(&config.nats, &format!("jetsaga-{name}")).await?;
     let js = jetstream::new(client.clone());
+    if let Some(ready) = ready {
+        ready.set(Readiness {
+            client: client.clone(),
+            streams: vec![
+                topology::COMMANDS_STREAM.to_string(),
+                topology::REPLIES_STREAM.to_string(),
+            ],
+        });
+    }
+    let lag = {
+        let (m, js) = (metrics.clone(), js.clone());
+        let consumers = vec![(
+            topology::COMMANDS_STREAM.to_string(),
+            topology::service_consumer(name),
+        )];
+        tokio::spawn(async move {
+            m.common
+                .sample_lag(js, consumers, Duration::from_secs(5))
+                .await
+        })
+    };
     let mut shutdown = std::pin::pin!(shutdown);
 
     let queries = spawn_queries(&client, svc.clone(), reader).await?;
@@ -164,6 +200,7 @@ pub async fn run<S: Service>(
         js,
         writer,
         config: config.clone(),
+        metrics,
     };
     let mut publishing: JoinSet<()> = JoinSet::new();
     let mut messages: Option<PullStream> = None;
@@ -261,6 +298,7 @@ pub async fn run<S: Service>(
         }
     }
     queries.abort();
+    lag.abort();
     // `ack()` only queues the ack on the connection: flush before the client goes away.
     match tokio::time::timeout(SHUTDOWN_GRACE, client.flush()).await {
         Ok(Ok(())) => {}
@@ -279,6 +317,7 @@ struct Worker<S> {
     js: jetstream::Context,
     writer: Arc<Mutex<Connection>>,
     config: Arc<Config>,
+    metrics: Metrics,
 }
 
 impl<S: Service> Worker<S> {
@@ -286,7 +325,7 @@ impl<S: Service> Worker<S> {
     async fn open_stream(&self) -> Result<PullStream, String> {
         let name = self.svc.name();
         let settings = &self.config.topology;
-        topology::ensure_shared(&self.js, settings)
+        topology::ensure_shared_exist(&self.js, settings)
             .await
             .map_err(|e| e.to_string())?;
         let consumer = topology::ensure_consumer(
@@ -323,7 +362,9 @@ impl<S: Service> Worker<S> {
         let name = self.svc.name();
         let mut msgs = Vec::with_capacity(batch.len());
         let mut cmds = Vec::with_capacity(batch.len());
+        let consumer = topology::service_consumer(name);
         for msg in batch {
+            self.metrics.common.note_delivery(&consumer, &msg);
             match parse(name, &msg) {
                 Ok(cmd) => {
                     msgs.push(msg);
@@ -332,8 +373,17 @@ impl<S: Service> Worker<S> {
                 Err(reason) => {
                     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
                     tracing::warn!(service = name, subject = %msg.subject, seq, %reason, "refused a command; dead-lettering it");
-                    if let Err(e) = dlq::dead_letter(&self.js, "command", &msg, &reason).await {
-                        tracing::error!(service = name, subject = %msg.subject, seq, error = %e, "cannot dead-letter; it will be redelivered");
+                    match dlq::dead_letter(&self.js, "command", &msg, &reason).await {
+                        Ok(()) => {
+                            self.metrics
+                                .common
+                                .dead_letters
+                                .get_or_create(&jetsaga_common::metrics::labels(&[("source", "command")]))
+                                .inc();
+                        }
+                        Err(e) => {
+                            tracing::error!(service = name, subject = %msg.subject, seq, error = %e, "cannot dead-letter; it will be redelivered");
+                        }
                     }
                 }
             }
@@ -345,6 +395,7 @@ impl<S: Service> Worker<S> {
             tokio::time::sleep(self.config.faults.delay).await;
         }
 
+        let started = std::time::Instant::now();
         let (svc, writer, config) = (self.svc.clone(), self.writer.clone(), self.config.clone());
         let joined = tokio::task::spawn_blocking(move || {
             let result = apply_batch(&mut lock(&writer), &*svc, &cmds, &config.faults);
@@ -367,8 +418,17 @@ impl<S: Service> Worker<S> {
             }
         };
         tracing::debug!(service = name, commands = cmds.len(), "batch committed");
+        self.metrics.batch_size.observe(cmds.len() as f64);
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
         for (cmd, h) in cmds.iter().zip(&handled) {
             log_handled(cmd, h);
+            let outcome = serde_json::to_value(h.reply.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            self.metrics.command(name, &cmd.action, cmd.op.as_str(), h.decision.as_str(), &outcome);
         }
         Some(
             msgs.into_iter()
@@ -389,18 +449,14 @@ fn apply_batch<S: Service>(
     let handled = cmds
         .iter()
         .map(|cmd| {
-            if cmd.op == Op::Action && faults.hit() {
-                Handled {
-                    reply: Reply::to(
-                        cmd,
-                        Outcome::RetryableFailure,
-                        Some("injected fault (JETSAGA_FAULT_RETRYABLE_PERCENT)".into()),
-                        None,
-                    ),
+            // Injected faults are decided before the barrier runs, so they record nothing and
+            // change no business row: exactly a technical failure that rolled back.
+            match faults.injected(cmd) {
+                Some(reason) => Handled {
+                    reply: Reply::to(cmd, Outcome::RetryableFailure, Some(reason.into()), None),
                     decision: Decision::Failed,
-                }
-            } else {
-                barrier::apply(&mut tx, svc, cmd)
+                },
+                None => barrier::apply(&mut tx, svc, cmd),
             }
         })
         .collect();
@@ -474,7 +530,18 @@ async fn publish_and_ack(js: jetstream::Context, replies: Vec<(jetstream::Messag
                         return;
                     }
                 };
-                match publish(&js, reply.subject(), &reply.msg_id(), HeaderMap::new(), payload.into()).await {
+                // The reply continues the command's trace (W3C traceparent), with its own span.
+                let mut headers = HeaderMap::new();
+                let trace = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(trace::TRACEPARENT))
+                    .and_then(|v| trace::trace_id(v.as_str()).map(str::to_string));
+                if let Some(t) = trace {
+                    let span = trace::span_id(&reply.msg_id());
+                    headers.insert(trace::TRACEPARENT, trace::traceparent(&t, &span).as_str());
+                }
+                match publish(&js, reply.subject(), &reply.msg_id(), headers, payload.into()).await {
                     Ok(_) => {
                         if let Err(e) = msg.ack().await {
                             tracing::warn!(saga_id = %reply.saga_id, step = reply.step, service = %reply.service, op = reply.op.as_str(), attempt = reply.attempt, error = %e, "cannot ack a command; it will be redelivered and answered again");
