@@ -12,6 +12,7 @@ use async_nats::{
 use bytes::Bytes;
 use futures::StreamExt;
 use jetsaga_common::{
+    dev,
     nats::ConnectConfig,
     protocol::{self, Command, Op, Outcome, Reply, DLQ_REASON, DLQ_SOURCE_SUBJECT, MSG_ID},
     testkit::NatsServer,
@@ -129,10 +130,13 @@ async fn dead_letter(js: &jetstream::Context, min_seq: u64) -> jetstream::messag
 async fn payment_service_over_jetstream() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
+    // The service connects as its nats.conf user; the test plays the orchestrator (commands,
+    // replies, streams) and an operator (queries).
     let nats = ConnectConfig {
         url: server.url(),
-        user: None,
-        password: None,
+        user: Some("payment".into()),
+        password: Some(dev::password("payment")),
+        tls: Default::default(),
     };
     let mut config = Config::new(nats, dir.path().join("payment.sqlite"));
     config.seed = Some(
@@ -144,7 +148,8 @@ async fn payment_service_over_jetstream() {
         let _ = stopped.await;
     }));
 
-    let client = async_nats::connect(server.url()).await.unwrap();
+    let client = dev::connect_as(&server.url(), "orchestrator").await.unwrap();
+    let admin = dev::connect_as(&server.url(), "admin").await.unwrap();
     let js = jetstream::new(client.clone());
     let settings = topology::Settings::default();
     topology::ensure_shared(&js, &settings).await.unwrap();
@@ -171,7 +176,7 @@ async fn payment_service_over_jetstream() {
     );
     assert_eq!(r.outcome, Outcome::Success, "{r:?}");
     assert_eq!(r.output.as_ref().unwrap()["balance_cents"], 997_500);
-    assert_eq!(balance(&client, "c-1").await, 997_500);
+    assert_eq!(balance(&admin, "c-1").await, 997_500);
 
     // 2. The very same command under a new message id: consumed, answered with the same reply
     //    (whose message id the replies stream drops as a duplicate), money taken once.
@@ -183,7 +188,7 @@ async fn payment_service_over_jetstream() {
             .is_err(),
         "the repeated reply must be deduplicated by the server"
     );
-    assert_eq!(balance(&client, "c-1").await, 997_500);
+    assert_eq!(balance(&admin, "c-1").await, 997_500);
 
     // 3. A retry attempt of the same step: a new reply, the stored answer.
     let retry = deduct("o-1", "c-1", 2500, 2);
@@ -191,7 +196,7 @@ async fn payment_service_over_jetstream() {
     let r2 = next_reply(&mut replies).await;
     assert_eq!(r2.attempt, 2);
     assert_eq!((r2.outcome, &r2.output), (r.outcome, &r.output));
-    assert_eq!(balance(&client, "c-1").await, 997_500);
+    assert_eq!(balance(&admin, "c-1").await, 997_500);
 
     // 4. Garbage, and a command for another service on payment's subject: dead-lettered with
     //    the reason, never answered.
@@ -241,17 +246,17 @@ async fn payment_service_over_jetstream() {
     publish_cmd(&js, &refund, &refund.msg_id()).await;
     let r = next_reply(&mut replies).await;
     assert_eq!((r.op, r.outcome), (Op::Compensation, Outcome::Success));
-    assert_eq!(balance(&client, "c-2").await, 500);
+    assert_eq!(balance(&admin, "c-2").await, 500);
     commands_drained(&js).await;
 
     // Queries: barrier rows, dump, and errors as {"error": ...}.
-    let rows = query(&client, "barrier", json!({ "saga_id": "o-2" })).await;
+    let rows = query(&admin, "barrier", json!({ "saga_id": "o-2" })).await;
     assert_eq!(rows["rows"].as_array().unwrap().len(), 2, "{rows}");
-    let dump = query(&client, "dump", json!({})).await;
+    let dump = query(&admin, "dump", json!({})).await;
     assert_eq!(dump["payments"].as_array().unwrap().len(), 1, "{dump}");
-    assert!(query(&client, "nope", json!({})).await["error"].is_string());
+    assert!(query(&admin, "nope", json!({})).await["error"].is_string());
     assert!(
-        query(&client, "balance", json!({ "customer_id": "c-404" })).await["error"].is_string()
+        query(&admin, "balance", json!({ "customer_id": "c-404" })).await["error"].is_string()
     );
 
     // Graceful shutdown returns cleanly.
@@ -270,10 +275,13 @@ async fn a_burst_is_applied_exactly_once() {
     const N: usize = 3000;
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
+    // The service connects as its nats.conf user; the test plays the orchestrator (commands,
+    // replies, streams) and an operator (queries).
     let nats = ConnectConfig {
         url: server.url(),
-        user: None,
-        password: None,
+        user: Some("payment".into()),
+        password: Some(dev::password("payment")),
+        tls: Default::default(),
     };
     let mut config = Config::new(nats, dir.path().join("payment.sqlite"));
     config.seed = Some(Seed {
@@ -284,7 +292,8 @@ async fn a_burst_is_applied_exactly_once() {
     let service = tokio::spawn(runtime::run(Payment, config, async {
         let _ = stopped.await;
     }));
-    let client = async_nats::connect(server.url()).await.unwrap();
+    let client = dev::connect_as(&server.url(), "orchestrator").await.unwrap();
+    let admin = dev::connect_as(&server.url(), "admin").await.unwrap();
     let js = jetstream::new(client.clone());
     let settings = topology::Settings::default();
     topology::ensure_shared(&js, &settings).await.unwrap();
@@ -341,8 +350,8 @@ async fn a_burst_is_applied_exactly_once() {
         N as f64 / elapsed.as_secs_f64()
     );
     commands_drained(&js).await;
-    assert_eq!(balance(&client, "c-1").await, 1_000_000 - 2 * N as i64);
-    let dump = query(&client, "dump", json!({})).await;
+    assert_eq!(balance(&admin, "c-1").await, 1_000_000 - 2 * N as i64);
+    let dump = query(&admin, "dump", json!({})).await;
     assert_eq!(dump["payments"].as_array().unwrap().len(), N);
 
     stop.send(()).unwrap();
