@@ -44,23 +44,39 @@ start() { # name, command...
 }
 
 export NATS_URL="nats://127.0.0.1:$port"
+# nats.conf has one user per process; their passwords come from the environment. Development
+# values unless you set your own (the README's Security section lists the variables).
+users="orchestrator order payment inventory admin client"
+for u in $users; do
+  var="JETSAGA_$(echo "$u" | tr '[:lower:]' '[:upper:]')_PASSWORD"
+  export "$var=${!var:-dev-$u}"
+done
+creds() { # user -> env assignments for a process connecting as that user
+  local var="JETSAGA_$(echo "$1" | tr '[:lower:]' '[:upper:]')_PASSWORD"
+  echo "NATS_USER=$1 NATS_PASSWORD=${!var}"
+}
 start nats-server "$root/.venv/bin/nats-server" -c "$root/nats.conf" -p "$port" -sd "$run_dir/nats"
 for _ in $(seq 1 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
   sleep 0.1
 done
-start orchestrator "$bin/jetsaga-orchestrator"
+# shellcheck disable=SC2046 # creds prints assignments meant to be split
+start orchestrator env $(creds orchestrator) "$bin/jetsaga-orchestrator"
 for svc in order payment inventory; do
-  start "$svc" env JETSAGA_DB="$run_dir/$svc.sqlite" JETSAGA_SEED="$seed" "$bin/jetsaga-$svc"
+  # shellcheck disable=SC2046
+  start "$svc" env $(creds "$svc") JETSAGA_DB="$run_dir/$svc.sqlite" JETSAGA_SEED="$seed" "$bin/jetsaga-$svc"
 done
 
+# The CLI is an operator: the admin user.
+export NATS_USER=admin NATS_PASSWORD="$JETSAGA_ADMIN_PASSWORD"
 "$bin/jetsaga" demo
 cat <<MSG
 
-jetsaga is running on $NATS_URL. Try (see README for more):
+jetsaga is running on $NATS_URL (users and dev passwords: README, Security). Try:
+  export NATS_URL=$NATS_URL NATS_USER=admin NATS_PASSWORD=$JETSAGA_ADMIN_PASSWORD
   $bin/jetsaga submit --wait '{"order_id":"o-1001","customer_id":"c-1","items":[{"sku":"sku-1","quantity":2,"unit_price_cents":1250}]}'
   $bin/jetsaga show o-1001
-  nats kv get sagas o-1001        # with the nats CLI, if you have it
+  nats --user admin --password $JETSAGA_ADMIN_PASSWORD kv get sagas o-1001   # with the nats CLI
 Press Ctrl-C to stop everything.
 MSG
 wait

@@ -40,7 +40,10 @@ pub fn credentials(user: &str) -> Vec<(String, String)> {
 }
 
 /// Connects to `url` as `user` with its development password.
-pub async fn connect_as(url: &str, user: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+pub async fn connect_as(
+    url: &str,
+    user: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
     async_nats::ConnectOptions::with_user_and_password(user.to_string(), password(user))
         .name(format!("jetsaga-test-{user}"))
         .connect(url)

@@ -60,7 +60,6 @@ const NATS_USERS: &[&str] = &[
     "client",
 ];
 
-
 /// What the nats CLI in nats-box reads (documented, container-only).
 const NATS_CLI_ENV: &[&str] = &["NATS_URL", "NATS_USER", "NATS_PASSWORD"];
 
@@ -688,10 +687,17 @@ fn nats_conf_users() -> BTreeSet<String> {
 
 /// Environment variables a nats configuration references, in order. A reference is a whole
 /// value (`password: $NAME`), not a `$` inside a bcrypt hash.
+/// Variable references of a nats-server config: unquoted `$NAME` values (a quoted "$JS.API.>"
+/// is a literal subject, not a variable); comment lines are skipped.
 fn conf_variables(conf: &str) -> Vec<String> {
-    re(r#"(?m)(?:^|[\s:="'])\$\{?([A-Za-z_][A-Za-z0-9_]*)"#)
-        .captures_iter(conf)
-        .map(|c| c[1].to_string())
+    let var = re(r#"(?:^|[\s:=\[,])\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?(?:[\s,\]}]|$)"#);
+    conf.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(|l| {
+            var.captures_iter(l)
+                .map(|c| c[1].to_string())
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
@@ -1030,9 +1036,11 @@ fn nats_conf_parsers_read_users_variables_and_ports() {
     let conf = nats_conf_text(
         "listen: 127.0.0.1:4222 # client port\nhttp: 127.0.0.1:8222\n\
          accounts { JETSAGA { users: [\n  { user: orchestrator, password: $JETSAGA_ORCHESTRATOR_PASSWORD }\n\
-           { user: \"client\", password: \"$JETSAGA_CLIENT_PASSWORD\" }\n  # { user: commented }\n] } }\n",
+           { user: \"client\", password: $JETSAGA_CLIENT_PASSWORD }\n  # { user: commented, password: $NOPE }\n\
+           { user: y, permissions: { publish: { allow: [\"$JS.API.>\", \"$KV.sagas.>\"] } } }\n] } }\n",
     );
-    assert_eq!(conf_users(&conf), ["orchestrator", "client"]);
+    assert_eq!(conf_users(&conf), ["orchestrator", "client", "y"]);
+    // Quoted values are literals (a bcrypt hash, a subject), not variable references.
     let hashed = format!("{conf}\n{{ user: x, password: \"$2a$11$Abc\" }}");
     assert_eq!(
         conf_variables(&hashed),

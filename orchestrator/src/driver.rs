@@ -63,6 +63,8 @@ pub struct Config {
     pub terminal_retention: Option<Duration>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (`None`: nowhere).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Also publish step-level events (`step_succeeded`, `step_compensated`, `step_retrying`).
+    pub step_events: bool,
 }
 
 impl Default for Config {
@@ -76,6 +78,7 @@ impl Default for Config {
             cache_size: 100_000,
             terminal_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             metrics_addr: None,
+            step_events: false,
         }
     }
 }
@@ -119,6 +122,7 @@ struct Ctx {
     cache: StateCache,
     terminal_retention: Option<Duration>,
     metrics: Metrics,
+    step_events: bool,
 }
 
 /// Runs the orchestrator until `shutdown` resolves, then finishes the inputs in hand and returns.
@@ -182,6 +186,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         cache: StateCache::new(cfg.cache_size),
         terminal_retention: cfg.terminal_retention,
         metrics: metrics.clone(),
+        step_events: cfg.step_events,
     });
     if let Some(ready) = ready {
         ready.set(Readiness {
@@ -685,6 +690,21 @@ fn observe(m: &Metrics, before: &SagaState, after: &SagaState, input: &Input) {
     }
 }
 
+/// Saga-level events, always published and logged at info: the saga started, failed over to
+/// compensation, ended, was parked or resumed. Step-level events (`step_succeeded`,
+/// `step_compensated`, `step_retrying`) are published only with `--step-events` and logged at
+/// debug: they are the bulk of the traffic and the state already records every step.
+fn is_lifecycle_event(event: &str) -> bool {
+    !matches!(
+        event,
+        "step_succeeded" | "step_compensated" | "step_retrying"
+    )
+}
+
+fn is_lifecycle(payload: &Value) -> bool {
+    payload["event"].as_str().is_some_and(is_lifecycle_event)
+}
+
 fn log_transition(before: &SagaState, after: &SagaState, input: &str) {
     let current = after.current_step();
     for e in &after.events {
@@ -700,6 +720,8 @@ fn log_transition(before: &SagaState, after: &SagaState, input: &str) {
             .unwrap_or(("-", "-"));
         if e.event == "stuck" {
             error!(saga_id = %after.saga_id, kind = %after.kind, step, service, event = %e.event, detail, trace_id = after.trace_id.as_deref().unwrap_or("-"), "saga parked");
+        } else if !is_lifecycle_event(&e.event) {
+            debug!(saga_id = %after.saga_id, kind = %after.kind, step, service, event = %e.event, detail, status = after.status.as_str(), trace_id = after.trace_id.as_deref().unwrap_or("-"), "saga event");
         } else {
             info!(saga_id = %after.saga_id, kind = %after.kind, step, service, event = %e.event, detail, status = after.status.as_str(), trace_id = after.trace_id.as_deref().unwrap_or("-"), "saga event");
         }
@@ -722,7 +744,11 @@ async fn publish_effects(ctx: &Ctx, fx: &Effects) -> Result<(), Fail> {
     for t in &fx.timers {
         pubs.push((t.subject(), t.msg_id(), to_bytes(t)));
     }
-    for e in &fx.events {
+    for e in fx
+        .events
+        .iter()
+        .filter(|e| ctx.step_events || is_lifecycle(&e.payload))
+    {
         pubs.push((e.subject.clone(), e.msg_id.clone(), to_bytes(&e.payload)));
     }
     let trace_id = fx.trace_id.as_deref();

@@ -56,7 +56,10 @@ async fn the_orchestrator_exposes_metrics_health_and_readiness() {
         "jetsaga_batch_commands_count",
         "jetsaga_batch_seconds_bucket",
     ] {
-        assert!(body.contains(want), "payment metrics miss {want} in\n{body}");
+        assert!(
+            body.contains(want),
+            "payment metrics miss {want} in\n{body}"
+        );
     }
     // Without its server the orchestrator is alive but not ready.
     sys.nats.kill();

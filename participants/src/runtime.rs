@@ -46,9 +46,9 @@ use tokio::task::JoinSet;
 
 use crate::{
     barrier::{self, Decision, Handled},
-    metrics::Metrics,
     config::{Config, Faults},
     db,
+    metrics::Metrics,
     service::Service,
 };
 
@@ -378,7 +378,9 @@ impl<S: Service> Worker<S> {
                             self.metrics
                                 .common
                                 .dead_letters
-                                .get_or_create(&jetsaga_common::metrics::labels(&[("source", "command")]))
+                                .get_or_create(&jetsaga_common::metrics::labels(&[(
+                                    "source", "command",
+                                )]))
                                 .inc();
                         }
                         Err(e) => {
@@ -428,7 +430,13 @@ impl<S: Service> Worker<S> {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
-            self.metrics.command(name, &cmd.action, cmd.op.as_str(), h.decision.as_str(), &outcome);
+            self.metrics.command(
+                name,
+                &cmd.action,
+                cmd.op.as_str(),
+                h.decision.as_str(),
+                &outcome,
+            );
         }
         Some(
             msgs.into_iter()

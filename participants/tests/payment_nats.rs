@@ -148,7 +148,9 @@ async fn payment_service_over_jetstream() {
         let _ = stopped.await;
     }));
 
-    let client = dev::connect_as(&server.url(), "orchestrator").await.unwrap();
+    let client = dev::connect_as(&server.url(), "orchestrator")
+        .await
+        .unwrap();
     let admin = dev::connect_as(&server.url(), "admin").await.unwrap();
     let js = jetstream::new(client.clone());
     let settings = topology::Settings::default();
@@ -255,9 +257,7 @@ async fn payment_service_over_jetstream() {
     let dump = query(&admin, "dump", json!({})).await;
     assert_eq!(dump["payments"].as_array().unwrap().len(), 1, "{dump}");
     assert!(query(&admin, "nope", json!({})).await["error"].is_string());
-    assert!(
-        query(&admin, "balance", json!({ "customer_id": "c-404" })).await["error"].is_string()
-    );
+    assert!(query(&admin, "balance", json!({ "customer_id": "c-404" })).await["error"].is_string());
 
     // Graceful shutdown returns cleanly.
     stop.send(()).unwrap();
@@ -292,7 +292,9 @@ async fn a_burst_is_applied_exactly_once() {
     let service = tokio::spawn(runtime::run(Payment, config, async {
         let _ = stopped.await;
     }));
-    let client = dev::connect_as(&server.url(), "orchestrator").await.unwrap();
+    let client = dev::connect_as(&server.url(), "orchestrator")
+        .await
+        .unwrap();
     let admin = dev::connect_as(&server.url(), "admin").await.unwrap();
     let js = jetstream::new(client.clone());
     let settings = topology::Settings::default();
