@@ -141,39 +141,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     };
     let client = jsnats::connect(&cfg.nats, &cfg.name).await?;
     let js = jetstream::new(client.clone());
-    let kv = topology::ensure_orchestrator(&js, &cfg.settings, registry.triggers()).await?;
-    let s = &cfg.settings;
-    let consumers = [
-        (
-            topology::REQUESTS_STREAM,
-            topology::ORCHESTRATOR_REQUESTS_CONSUMER,
-            s.clone(),
-        ),
-        (
-            topology::REPLIES_STREAM,
-            topology::ORCHESTRATOR_REPLIES_CONSUMER,
-            s.clone(),
-        ),
-        // Timers stay unacked (NAKed with a delay) until due, so they need far more room.
-        (
-            topology::TIMERS_STREAM,
-            topology::ORCHESTRATOR_TIMERS_CONSUMER,
-            Settings {
-                max_ack_pending: 1_000_000,
-                ..s.clone()
-            },
-        ),
-        (
-            topology::OPS_STREAM,
-            topology::ORCHESTRATOR_OPS_CONSUMER,
-            s.clone(),
-        ),
-    ];
-    let mut pulls = Vec::new();
-    for (stream, durable, settings) in consumers {
-        let c = topology::ensure_consumer(&js, stream, durable, None, &settings).await?;
-        pulls.push((durable, c));
-    }
+    let mut shutdown = std::pin::pin!(shutdown);
+    // Reconciling streams can time out transiently (a leader election; two instances creating
+    // the same replicated stream at once): keep trying until it works or we are told to stop.
+    let mut pause = Duration::from_millis(500);
+    let (kv, pulls) = loop {
+        match reconcile(&js, &cfg, &registry).await {
+            Ok(done) => break done,
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "cannot set up streams and consumers yet; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = &mut shutdown => return Ok(()),
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
     info!(
         definitions = ?registry.triggers(),
         concurrency = cfg.concurrency,
@@ -262,6 +246,48 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     let _ = client.flush().await;
     info!("orchestrator stopped");
     Ok(())
+}
+
+/// Creates or updates everything the orchestrator uses; returns the bucket and its consumers.
+async fn reconcile(
+    js: &jetstream::Context,
+    cfg: &Config,
+    registry: &Registry,
+) -> Result<(kv::Store, Vec<(&'static str, PullConsumer)>), Error> {
+    let kv = topology::ensure_orchestrator(js, &cfg.settings, registry.triggers()).await?;
+    let s = &cfg.settings;
+    let consumers = [
+        (
+            topology::REQUESTS_STREAM,
+            topology::ORCHESTRATOR_REQUESTS_CONSUMER,
+            s.clone(),
+        ),
+        (
+            topology::REPLIES_STREAM,
+            topology::ORCHESTRATOR_REPLIES_CONSUMER,
+            s.clone(),
+        ),
+        // Timers stay unacked (NAKed with a delay) until due, so they need far more room.
+        (
+            topology::TIMERS_STREAM,
+            topology::ORCHESTRATOR_TIMERS_CONSUMER,
+            Settings {
+                max_ack_pending: 1_000_000,
+                ..s.clone()
+            },
+        ),
+        (
+            topology::OPS_STREAM,
+            topology::ORCHESTRATOR_OPS_CONSUMER,
+            s.clone(),
+        ),
+    ];
+    let mut pulls = Vec::new();
+    for (stream, durable, settings) in consumers {
+        let c = topology::ensure_consumer(js, stream, durable, None, &settings).await?;
+        pulls.push((durable, c));
+    }
+    Ok((kv, pulls))
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

@@ -606,7 +606,16 @@ async fn spawn_queries<S: Service>(
             })
             .await
             .unwrap_or_else(|e| json!({ "error": format!("query failed: {e}") }));
-            let body = serde_json::to_vec(&answer).unwrap_or_else(|_| b"{}".to_vec());
+            let mut body = serde_json::to_vec(&answer).unwrap_or_else(|_| b"{}".to_vec());
+            // An answer the server would refuse is replaced by an error the asker can read
+            // (otherwise the asker only sees a timeout).
+            let limit = client.server_info().max_payload;
+            if limit > 0 && body.len() + 512 > limit {
+                body = serde_json::to_vec(&json!({
+                    "error": format!("answer too large: {} bytes, the server allows {limit}", body.len())
+                }))
+                .unwrap_or_default();
+            }
             if let Err(e) = client.publish(reply_to, body.into()).await {
                 tracing::warn!(service = name, error = %e, "cannot answer a query");
             }
