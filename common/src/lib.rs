@@ -10,6 +10,7 @@ pub mod dlq;
 pub mod ids;
 pub mod metrics;
 pub mod nats;
+pub mod otel;
 pub mod protocol;
 pub mod telemetry;
 pub mod testkit;

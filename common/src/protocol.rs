@@ -63,11 +63,13 @@ impl Command {
     /// Deterministic id `<saga_id>.<step>.<action>.<attempt>`: a re-publish of the same command
     /// (after a crash, or by a second orchestrator) is dropped by the server's duplicate window.
     pub fn msg_id(&self) -> String {
-        format!(
-            "{}.{}.{}.{}",
-            self.saga_id, self.step, self.action, self.attempt
-        )
+        command_msg_id(&self.saga_id, self.step, &self.action, self.attempt)
     }
+}
+
+/// The message id of attempt `attempt` of `action` (an action or compensation name) on a step.
+pub fn command_msg_id(saga_id: &str, step: u32, action: &str, attempt: u32) -> String {
+    format!("{saga_id}.{step}.{action}.{attempt}")
 }
 
 /// How a participant ended a command.

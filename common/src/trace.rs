@@ -23,6 +23,12 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
     ok.then_some(trace)
 }
 
+/// The 16-hex-digit parent span id of a well-formed `traceparent` value.
+pub fn parent_span_id(traceparent: &str) -> Option<&str> {
+    trace_id(traceparent)?;
+    traceparent.split('-').nth(2)
+}
+
 /// A fresh random trace id.
 pub fn new_trace_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
@@ -53,6 +59,11 @@ mod tests {
         assert_eq!(t.len(), 32);
         let tp = traceparent(&t, &span_id("o-1.0.create.1"));
         assert_eq!(trace_id(&tp), Some(t.as_str()));
+        assert_eq!(
+            parent_span_id(&tp),
+            Some(span_id("o-1.0.create.1").as_str())
+        );
+        assert_eq!(parent_span_id("00-abc-00f067aa0ba902b7-01"), None);
         assert_eq!(span_id("x"), span_id("x"));
         assert_ne!(span_id("x"), span_id("y"));
         assert_eq!(

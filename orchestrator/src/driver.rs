@@ -33,12 +33,14 @@ use crate::{
     definition::{self, Definition, Registry},
     engine::{self, Effects, Input, Operator, Timer, Transition},
     metrics::Metrics,
+    spans,
     state::SagaState,
 };
 use jetsaga_common::{
     dlq,
     metrics::Readiness,
     nats::{self as jsnats, ConnectConfig},
+    otel,
     protocol::{Op, Reply},
     time::now_ms,
     topology::{self, Settings},
@@ -410,8 +412,13 @@ async fn on_request(ctx: &Ctx, msg: &Message) -> Result<Settle, Fail> {
         .headers
         .as_ref()
         .and_then(|h| h.get(trace::TRACEPARENT))
-        .and_then(|v| trace::trace_id(v.as_str()).map(str::to_string));
-    state.trace_id = Some(incoming.unwrap_or_else(trace::new_trace_id));
+        .map(|v| v.as_str());
+    state.trace_id = Some(
+        incoming
+            .and_then(trace::trace_id)
+            .map_or_else(trace::new_trace_id, str::to_string),
+    );
+    state.parent_span_id = incoming.and_then(trace::parent_span_id).map(str::to_string);
     match ctx.kv.create(&saga_id, to_bytes(&state)).await {
         Ok(revision) => {
             info!(saga_id = %saga_id, kind = %def.kind, step = %state.steps[0].name, service = %state.steps[0].service, trace_id = state.trace_id.as_deref().unwrap_or("-"), "saga started");
@@ -598,6 +605,11 @@ async fn apply_input(ctx: &Ctx, saga_id: &str, input: Input, input_id: &str) -> 
                     Ok(new_revision) => {
                         log_transition(&state, &next, input_id);
                         observe(&ctx.metrics, &state, &next, &input);
+                        if otel::enabled() {
+                            spans::closed(&state, &next, &input)
+                                .into_iter()
+                                .for_each(otel::export);
+                        }
                         let fx = engine::effects(&next);
                         ctx.cache.put(saga_id, Arc::new(*next), new_revision);
                         return publish_effects(ctx, &fx).await;

@@ -189,6 +189,7 @@ pub fn start(
         watchdog_armed_version: 0,
         watchdog_due_ms: None,
         trace_id: None,
+        parent_span_id: None,
         created_at: at.clone(),
         updated_at: at,
         created_ms: now,

@@ -6,6 +6,7 @@ pub mod driver;
 pub mod engine;
 pub mod metrics;
 pub mod schema;
+pub mod spans;
 pub mod state;
 
 #[cfg(test)]

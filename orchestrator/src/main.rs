@@ -60,6 +60,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     jetsaga_common::telemetry::init("orchestrator");
+    // OTLP trace export, only when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set; flushed on exit.
+    let _otel = jetsaga_common::otel::init("jetsaga-orchestrator");
     let a = Args::parse();
     let cfg = Config {
         nats: ConnectConfig {

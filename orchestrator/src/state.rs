@@ -160,6 +160,10 @@ pub struct SagaState {
     /// event carries it, so one saga is one trace across processes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// The span id of the request's `traceparent`, if it came with one: the saga's root span
+    /// is its child.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_span_id: Option<String>,
     /// Events of the last transition, republished if its input is redelivered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<EventRecord>,

@@ -109,7 +109,10 @@ pub enum Error {
 /// signal. Errors are returned for `main` to print.
 pub async fn main<S: crate::Service>(service: S) -> Result<(), Error> {
     let args = Args::parse();
-    jetsaga_common::telemetry::init(&format!("jetsaga-{}", service.name()));
+    let process = format!("jetsaga-{}", service.name());
+    jetsaga_common::telemetry::init(&process);
+    // OTLP trace export, only when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set; flushed on exit.
+    let _otel = jetsaga_common::otel::init(&process);
     let config = args.into_config(service.name())?;
     crate::runtime::run(service, config, shutdown_signal()).await?;
     Ok(())

@@ -37,6 +37,7 @@ use jetsaga_common::{
     dlq, ids,
     metrics::Readiness,
     nats::{connect, publish},
+    otel,
     protocol::{self, Command, Outcome, Reply},
     topology, trace,
 };
@@ -270,8 +271,9 @@ pub async fn run<S: Service>(
         while publishing.len() >= MAX_PUBLISHING_BATCHES {
             publishing.join_next().await;
         }
+        let received = std::time::SystemTime::now();
         if let Some(replies) = worker.process(batch).await {
-            publishing.spawn(publish_and_ack(worker.js.clone(), replies));
+            publishing.spawn(publish_and_ack(worker.js.clone(), replies, received));
         }
     }
 
@@ -525,7 +527,11 @@ async fn nak_all(msgs: &[jetstream::Message]) {
 }
 
 /// Publishes every reply concurrently and acks each command once its reply is confirmed.
-async fn publish_and_ack(js: jetstream::Context, replies: Vec<(jetstream::Message, Reply)>) {
+async fn publish_and_ack(
+    js: jetstream::Context,
+    replies: Vec<(jetstream::Message, Reply)>,
+    received: std::time::SystemTime,
+) {
     let mut pending: FuturesUnordered<_> = replies
         .into_iter()
         .map(|(msg, reply)| {
@@ -540,17 +546,21 @@ async fn publish_and_ack(js: jetstream::Context, replies: Vec<(jetstream::Messag
                 };
                 // The reply continues the command's trace (W3C traceparent), with its own span.
                 let mut headers = HeaderMap::new();
-                let trace = msg
+                let parent = msg
                     .headers
                     .as_ref()
                     .and_then(|h| h.get(trace::TRACEPARENT))
-                    .and_then(|v| trace::trace_id(v.as_str()).map(str::to_string));
-                if let Some(t) = trace {
+                    .map(|v| v.as_str().to_string());
+                let trace = parent.as_deref().and_then(trace::trace_id).map(str::to_string);
+                if let Some(t) = &trace {
                     let span = trace::span_id(&reply.msg_id());
-                    headers.insert(trace::TRACEPARENT, trace::traceparent(&t, &span).as_str());
+                    headers.insert(trace::TRACEPARENT, trace::traceparent(t, &span).as_str());
                 }
                 match publish(&js, reply.subject(), &reply.msg_id(), headers, payload.into()).await {
                     Ok(_) => {
+                        if let (Some(t), Some(p)) = (&trace, parent.as_deref()) {
+                            export_span(&msg, &reply, t, p, received);
+                        }
                         if let Err(e) = msg.ack().await {
                             tracing::warn!(saga_id = %reply.saga_id, step = reply.step, service = %reply.service, op = reply.op.as_str(), attempt = reply.attempt, error = %e, "cannot ack a command; it will be redelivered and answered again");
                         }
@@ -564,6 +574,56 @@ async fn publish_and_ack(js: jetstream::Context, replies: Vec<(jetstream::Messag
         })
         .collect();
     while pending.next().await.is_some() {}
+}
+
+/// The OpenTelemetry span of one handled command (when export is on): the child of the
+/// orchestrator's span for the attempt (the command's `traceparent`) and the parent of the
+/// reply's, from the batch's arrival to the reply's confirmation.
+fn export_span(
+    msg: &jetstream::Message,
+    reply: &Reply,
+    trace_id: &str,
+    traceparent: &str,
+    received: std::time::SystemTime,
+) {
+    if !otel::enabled() {
+        return;
+    }
+    let Some(parent) = trace::parent_span_id(traceparent) else {
+        return;
+    };
+    let outcome = serde_json::to_value(reply.outcome)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let mut span = otel::Span::new(
+        format!("process {}", msg.subject),
+        otel::Kind::Consumer,
+        trace_id,
+        &trace::span_id(&reply.msg_id()),
+    )
+    .attr("saga.id", reply.saga_id.clone())
+    .attr("saga.op", reply.op.as_str())
+    .attr("saga.outcome", outcome)
+    .attr("service", reply.service.clone())
+    .attr("messaging.system", "nats")
+    .attr("messaging.destination.name", msg.subject.to_string())
+    .int("saga.step", reply.step as i64)
+    .int("saga.attempt", reply.attempt as i64);
+    if let Some(id) = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+    {
+        span = span.attr("messaging.message.id", id.as_str().to_string());
+    }
+    span.parent_span_id = Some(parent.to_string());
+    span.parent_remote = true;
+    span.start = received;
+    span.end = std::time::SystemTime::now();
+    span.error = (reply.outcome != Outcome::Success)
+        .then(|| reply.error.clone().unwrap_or_else(|| "failed".into()));
+    otel::export(span);
 }
 
 /// Answers `jetsaga.query.<service>.<what>` (queue group `svc-<service>`) from a read-only
