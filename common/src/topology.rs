@@ -15,6 +15,10 @@ pub const REPLIES_STREAM: &str = "JETSAGA_REPLIES";
 pub const EVENTS_STREAM: &str = "JETSAGA_EVENTS";
 pub const DLQ_STREAM: &str = "JETSAGA_DLQ";
 pub const TIMERS_STREAM: &str = "JETSAGA_TIMERS";
+/// Due timers, published by the server from their schedules; what the timers consumer reads.
+pub const TIMER_SUBJECTS: &str = "saga.timer.>";
+/// Timer schedules (`Nats-Schedule: @at ...`), stored until due, never consumed.
+pub const SCHEDULE_SUBJECTS: &str = "saga.sched.>";
 pub const OPS_STREAM: &str = "JETSAGA_OPS";
 pub const SAGAS_BUCKET: &str = "sagas";
 
@@ -173,11 +177,17 @@ pub async fn ensure_orchestrator(
 ) -> Result<kv::Store, Error> {
     ensure_shared(js, s).await?;
     reconcile(js, work_queue(REQUESTS_STREAM, triggers, s)).await?;
-    reconcile(
-        js,
-        work_queue(TIMERS_STREAM, vec!["saga.timer.>".into()], s),
-    )
-    .await?;
+    // Timers are message schedules (nats-server 2.12+): the orchestrator stores a schedule on
+    // `saga.sched.<saga_id>.<kind>` and the server publishes its body to `saga.timer.<saga_id>`
+    // when it is due, so the timers consumer sees a timer only once it is due. A new schedule
+    // on the same subject replaces the old one (a re-armed watchdog drops the stale one).
+    let mut timers = work_queue(
+        TIMERS_STREAM,
+        vec![TIMER_SUBJECTS.into(), SCHEDULE_SUBJECTS.into()],
+        s,
+    );
+    timers.allow_message_schedules = true;
+    reconcile(js, timers).await?;
     reconcile(js, work_queue(OPS_STREAM, vec!["saga.ops.>".into()], s)).await?;
     reconcile(
         js,

@@ -269,7 +269,9 @@ async fn reconcile(
             topology::ORCHESTRATOR_REPLIES_CONSUMER,
             s.clone(),
         ),
-        // Timers stay unacked (NAKed with a delay) until due, so they need far more room.
+        // A timer that arrives early (a schedule fires up to ~0.25 s late, never early, but a
+        // timer written by an older version is delivered at once) is NAKed with a delay until
+        // due, so this consumer gets more room.
         (
             topology::TIMERS_STREAM,
             topology::ORCHESTRATOR_TIMERS_CONSUMER,
@@ -286,7 +288,10 @@ async fn reconcile(
     ];
     let mut pulls = Vec::new();
     for (stream, durable, settings) in consumers {
-        let c = topology::ensure_consumer(js, stream, durable, None, &settings).await?;
+        // The timers consumer reads due timers only, never the schedules that produce them
+        // (acking a schedule in a work queue would delete it).
+        let filter = (stream == topology::TIMERS_STREAM).then(|| topology::TIMER_SUBJECTS.into());
+        let c = topology::ensure_consumer(js, stream, durable, filter, &settings).await?;
         pulls.push((durable, c));
     }
     Ok((kv, pulls))
@@ -773,33 +778,50 @@ fn to_bytes<T: serde::Serialize>(v: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(v).expect("state serialises"))
 }
 
+/// Message-schedule headers (ADR-51, nats-server 2.12+).
+const NATS_SCHEDULE: &str = "Nats-Schedule";
+const NATS_SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+
 /// Step 4: publish everything the state implies, all at once, and wait for every PubAck.
 async fn publish_effects(ctx: &Ctx, fx: &Effects) -> Result<(), Fail> {
     let mut pubs = Vec::with_capacity(fx.commands.len() + fx.timers.len() + fx.events.len());
     for c in &fx.commands {
-        pubs.push((c.subject(), c.msg_id(), to_bytes(c)));
+        pubs.push((c.subject(), c.msg_id(), to_bytes(c), None));
     }
     for t in &fx.timers {
-        pubs.push((t.subject(), t.msg_id(), to_bytes(t)));
+        let schedule = Some((t.schedule(), t.subject()));
+        pubs.push((t.schedule_subject(), t.msg_id(), to_bytes(t), schedule));
     }
     for e in fx
         .events
         .iter()
         .filter(|e| ctx.step_events || is_lifecycle(&e.payload))
     {
-        pubs.push((e.subject.clone(), e.msg_id.clone(), to_bytes(&e.payload)));
+        pubs.push((
+            e.subject.clone(),
+            e.msg_id.clone(),
+            to_bytes(&e.payload),
+            None,
+        ));
     }
     let trace_id = fx.trace_id.as_deref();
-    try_join_all(pubs.into_iter().map(|(subject, id, payload)| async move {
-        let mut headers = HeaderMap::new();
-        if let Some(t) = trace_id {
-            headers.insert(
-                trace::TRACEPARENT,
-                trace::traceparent(t, &trace::span_id(&id)).as_str(),
-            );
-        }
-        jsnats::publish(&ctx.js, subject, &id, headers, payload).await
-    }))
+    try_join_all(
+        pubs.into_iter()
+            .map(|(subject, id, payload, schedule)| async move {
+                let mut headers = HeaderMap::new();
+                if let Some((at, target)) = schedule {
+                    headers.insert(NATS_SCHEDULE, at.as_str());
+                    headers.insert(NATS_SCHEDULE_TARGET, target.as_str());
+                }
+                if let Some(t) = trace_id {
+                    headers.insert(
+                        trace::TRACEPARENT,
+                        trace::traceparent(t, &trace::span_id(&id)).as_str(),
+                    );
+                }
+                jsnats::publish(&ctx.js, subject, &id, headers, payload).await
+            }),
+    )
     .await
     .map(|_| ())
     .map_err(transient)

@@ -54,7 +54,8 @@ pub enum TimerKind {
     Watchdog,
 }
 
-/// A durable timer, published to `saga.timer.<saga_id>` and acted on when `due_ms` has passed.
+/// A durable timer: stored as a message schedule on [`Timer::schedule_subject`], which the server
+/// publishes to `saga.timer.<saga_id>` at `due_ms`; acted on once `due_ms` has passed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timer {
@@ -67,8 +68,24 @@ pub struct Timer {
 }
 
 impl Timer {
+    /// Where the due timer is delivered (the schedule's target).
     pub fn subject(&self) -> String {
         format!("saga.timer.{}", self.saga_id)
+    }
+    /// Where the timer waits until due: one schedule per saga and kind, so a new watchdog (or
+    /// back-off) replaces the one before it.
+    pub fn schedule_subject(&self) -> String {
+        let kind = match self.kind {
+            TimerKind::Timeout => "timeout",
+            TimerKind::Retry => "retry",
+            TimerKind::Deadline => "deadline",
+            TimerKind::Watchdog => "watchdog",
+        };
+        format!("saga.sched.{}.{kind}", self.saga_id)
+    }
+    /// The `Nats-Schedule` header value: fire once at the due time.
+    pub fn schedule(&self) -> String {
+        format!("@at {}", jetsaga_common::time::rfc3339(self.due_ms))
     }
     pub fn msg_id(&self) -> String {
         let kind = match self.kind {

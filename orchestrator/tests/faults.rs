@@ -205,6 +205,30 @@ async fn timers_fire_after_an_orchestrator_restart() {
         .await;
     // The timeout comes due while no orchestrator runs.
     sys.orchestrators[0].kill();
+    // Until then it is a message schedule kept by the server, not a message handed out early:
+    // the timers consumer has nothing pending or in hand.
+    let stream = sys.js.get_stream("JETSAGA_TIMERS").await.unwrap();
+    let sched = stream
+        .get_last_raw_message_by_subject("saga.sched.timer-1.watchdog")
+        .await
+        .expect("the watchdog's schedule is stored");
+    let header = |k: &str| {
+        sched
+            .headers
+            .get(k)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default()
+    };
+    assert!(header("Nats-Schedule").starts_with("@at "), "{sched:?}");
+    assert_eq!(header("Nats-Schedule-Target"), "saga.timer.timer-1");
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("orchestrator-timers").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(
+        (info.num_pending, info.num_ack_pending),
+        (0, 0),
+        "no timer is delivered before it is due"
+    );
     tokio::time::sleep(Duration::from_millis(2000)).await;
     sys.orchestrators[0].restart();
     let s = sys
