@@ -178,9 +178,8 @@ pub async fn ensure_orchestrator(
     ensure_shared(js, s).await?;
     reconcile(js, work_queue(REQUESTS_STREAM, triggers, s)).await?;
     // Timers are message schedules (nats-server 2.12+): the orchestrator stores a schedule on
-    // `saga.sched.<saga_id>.<kind>` and the server publishes its body to `saga.timer.<saga_id>`
-    // when it is due, so the timers consumer sees a timer only once it is due. A new schedule
-    // on the same subject replaces the old one (a re-armed watchdog drops the stale one).
+    // `saga.sched.<timer msg id>` and the server publishes its body to `saga.timer.<saga_id>`
+    // when it is due, so the timers consumer sees a timer only once it is due.
     let mut timers = work_queue(
         TIMERS_STREAM,
         vec![TIMER_SUBJECTS.into(), SCHEDULE_SUBJECTS.into()],

@@ -72,16 +72,11 @@ impl Timer {
     pub fn subject(&self) -> String {
         format!("saga.timer.{}", self.saga_id)
     }
-    /// Where the timer waits until due: one schedule per saga and kind, so a new watchdog (or
-    /// back-off) replaces the one before it.
+    /// Where the timer waits until due: one schedule subject per timer (its message id). Not one
+    /// per saga: the server keeps one schedule per subject, so a slow orchestrator publishing an
+    /// older watchdog late would replace the live one, which would then never fire.
     pub fn schedule_subject(&self) -> String {
-        let kind = match self.kind {
-            TimerKind::Timeout => "timeout",
-            TimerKind::Retry => "retry",
-            TimerKind::Deadline => "deadline",
-            TimerKind::Watchdog => "watchdog",
-        };
-        format!("saga.sched.{}.{kind}", self.saga_id)
+        format!("saga.sched.{}", self.msg_id())
     }
     /// The `Nats-Schedule` header value: fire once at the due time.
     pub fn schedule(&self) -> String {

@@ -208,8 +208,9 @@ async fn timers_fire_after_an_orchestrator_restart() {
     // Until then it is a message schedule kept by the server, not a message handed out early:
     // the timers consumer has nothing pending or in hand.
     let stream = sys.js.get_stream("JETSAGA_TIMERS").await.unwrap();
+    let due = sys.saga("timer-1").await.unwrap()["watchdog_due_ms"].clone();
     let sched = stream
-        .get_last_raw_message_by_subject("saga.sched.timer-1.watchdog")
+        .get_last_raw_message_by_subject(&format!("saga.sched.timer-1.watchdog.{due}"))
         .await
         .expect("the watchdog's schedule is stored");
     let header = |k: &str| {
