@@ -186,6 +186,10 @@ pub async fn ensure_orchestrator(
         s,
     );
     timers.allow_message_schedules = true;
+    // A saga that ends cancels its watchdog by rolling the schedule's subject up into an empty
+    // message that expires in a second.
+    timers.allow_rollup = true;
+    timers.allow_message_ttl = true;
     reconcile(js, timers).await?;
     reconcile(js, work_queue(OPS_STREAM, vec!["saga.ops.>".into()], s)).await?;
     reconcile(

@@ -782,15 +782,35 @@ fn to_bytes<T: serde::Serialize>(v: &T) -> Bytes {
 const NATS_SCHEDULE: &str = "Nats-Schedule";
 const NATS_SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
 
+/// How a publish of [`publish_effects`] is marked for the timers stream.
+enum Mark {
+    None,
+    /// A message schedule: `Nats-Schedule` and `Nats-Schedule-Target`.
+    Schedule(String, String),
+    /// Replaces the schedule on its subject (`Nats-Rollup: sub`) with an empty message that
+    /// expires in a second, so the schedule never fires.
+    Cancel,
+}
+
 /// Step 4: publish everything the state implies, all at once, and wait for every PubAck.
+///
+/// Timers are written to the connection first: a command leads to replies and later inputs,
+/// which must not find the saga without the watchdog that the same state armed. The server
+/// reads one connection in order, so once a command reached it, so did the timer before it.
 async fn publish_effects(ctx: &Ctx, fx: &Effects) -> Result<(), Fail> {
-    let mut pubs = Vec::with_capacity(fx.commands.len() + fx.timers.len() + fx.events.len());
-    for c in &fx.commands {
-        pubs.push((c.subject(), c.msg_id(), to_bytes(c), None));
-    }
+    let mut pubs = Vec::with_capacity(
+        fx.commands.len() + fx.timers.len() + fx.events.len() + fx.cancel_schedules.len(),
+    );
     for t in &fx.timers {
-        let schedule = Some((t.schedule(), t.subject()));
+        let schedule = Mark::Schedule(t.schedule(), t.subject());
         pubs.push((t.schedule_subject(), t.msg_id(), to_bytes(t), schedule));
+    }
+    for c in &fx.commands {
+        pubs.push((c.subject(), c.msg_id(), to_bytes(c), Mark::None));
+    }
+    for subject in &fx.cancel_schedules {
+        let id = format!("{subject}.cancel");
+        pubs.push((subject.clone(), id, Bytes::new(), Mark::Cancel));
     }
     for e in fx
         .events
@@ -801,19 +821,27 @@ async fn publish_effects(ctx: &Ctx, fx: &Effects) -> Result<(), Fail> {
             e.subject.clone(),
             e.msg_id.clone(),
             to_bytes(&e.payload),
-            None,
+            Mark::None,
         ));
     }
     let trace_id = fx.trace_id.as_deref();
     try_join_all(
         pubs.into_iter()
-            .map(|(subject, id, payload, schedule)| async move {
+            .map(|(subject, id, payload, mark)| async move {
                 let mut headers = HeaderMap::new();
-                if let Some((at, target)) = schedule {
-                    headers.insert(NATS_SCHEDULE, at.as_str());
-                    headers.insert(NATS_SCHEDULE_TARGET, target.as_str());
+                let traced = !matches!(mark, Mark::Cancel);
+                match mark {
+                    Mark::None => {}
+                    Mark::Schedule(at, target) => {
+                        headers.insert(NATS_SCHEDULE, at.as_str());
+                        headers.insert(NATS_SCHEDULE_TARGET, target.as_str());
+                    }
+                    Mark::Cancel => {
+                        headers.insert("Nats-Rollup", "sub");
+                        headers.insert("Nats-TTL", "1s");
+                    }
                 }
-                if let Some(t) = trace_id {
+                if let (Some(t), true) = (trace_id, traced) {
                     headers.insert(
                         trace::TRACEPARENT,
                         trace::traceparent(t, &trace::span_id(&id)).as_str(),

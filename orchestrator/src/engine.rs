@@ -143,6 +143,10 @@ pub struct Effects {
     pub commands: Vec<Command>,
     pub timers: Vec<Timer>,
     pub events: Vec<EventMsg>,
+    /// Schedule subjects ([`Timer::schedule_subject`]) to clear: the watchdog of a saga that
+    /// ended before it came due. Only an optimisation — a watchdog left behind fires and is
+    /// ignored — but it saves a delivery, a KV read and an ack per saga.
+    pub cancel_schedules: Vec<String>,
     /// The saga's trace id, for the `traceparent` header of everything published.
     pub trace_id: Option<String>,
 }
@@ -715,17 +719,25 @@ pub fn effects(s: &SagaState) -> Effects {
     for e in &s.events {
         fx.events.push(event_msg(s, e));
     }
+    let watchdog = |due_ms| Timer {
+        saga_id: s.saga_id.clone(),
+        kind: TimerKind::Watchdog,
+        step: 0,
+        op: Op::Action,
+        attempt: 0,
+        due_ms,
+    };
     // The watchdog goes out with the state that armed it, not again with every transition.
     if let (Some(due), true) = (s.watchdog_due_ms, s.watchdog_armed_version == s.version) {
         if s.awaiting().is_some() {
-            fx.timers.push(Timer {
-                saga_id: s.saga_id.clone(),
-                kind: TimerKind::Watchdog,
-                step: 0,
-                op: Op::Action,
-                attempt: 0,
-                due_ms: due,
-            });
+            fx.timers.push(watchdog(due));
+        }
+    }
+    // A saga that ended has no use for a watchdog that has not fired yet. (Only on a terminal
+    // state: a parked saga keeps its watchdog, which an operator retry relies on.)
+    if let (true, Some(due)) = (s.status.is_terminal(), s.watchdog_due_ms) {
+        if due > s.updated_ms {
+            fx.cancel_schedules.push(watchdog(due).schedule_subject());
         }
     }
     let Some((i, op)) = s.awaiting() else {

@@ -463,6 +463,52 @@ fn the_watchdog_rearms_times_out_and_ends_with_the_saga() {
         Transition::Ignored(_)
     ));
     assert!(effects(&s).timers.is_empty());
+    // ... and the end clears the live one's schedule, so it need not fire at all.
+    assert_eq!(
+        effects(&s).cancel_schedules,
+        ["saga.sched.o-1.watchdog.34000"]
+    );
+}
+
+#[test]
+fn only_an_ended_saga_cancels_a_watchdog_that_has_not_fired() {
+    let d = def();
+    let at = |s: &SagaState, i: Input, now: u64| match apply(&d, s, &i, "x", now) {
+        Transition::Applied(next) => *next,
+        other => panic!("{other:?}"),
+    };
+    let s = start(&d, "o-1", json!({}), 1, 0);
+    assert!(effects(&s).cancel_schedules.is_empty(), "running");
+    let mut s = s;
+    for step in 0..4 {
+        assert!(effects(&s).cancel_schedules.is_empty(), "step {step}");
+        s = at(&s, to_input(&d, I::Ok(step, 1), 1_000), 1_000);
+    }
+    assert_eq!(s.status, SagaStatus::Completed);
+    assert_eq!(
+        effects(&s).cancel_schedules,
+        ["saga.sched.o-1.watchdog.30000"]
+    );
+    // A saga that ends after its watchdog came due has nothing to cancel (it fired).
+    let mut s = start(&d, "o-1", json!({}), 1, 0);
+    for (step, now) in [(0, 1_000), (1, 2_000), (2, 3_000), (3, 30_500)] {
+        s = at(&s, to_input(&d, I::Ok(step, 1), now), now);
+    }
+    assert_eq!(
+        (s.status, s.watchdog_due_ms),
+        (SagaStatus::Completed, Some(30_000))
+    );
+    assert!(effects(&s).cancel_schedules.is_empty());
+    // A parked saga keeps its watchdog: an operator retry relies on it.
+    let s = run(
+        "stuck keeps",
+        &[
+            (I::Biz(0, 1), "compensating", "CPPP", "0c1"),
+            (I::CFail(0, 1), "compensating", "CPPP", "0c2"),
+            (I::CFail(0, 2), "stuck", "CPPP", "-"),
+        ],
+    );
+    assert!(effects(&s).cancel_schedules.is_empty());
 }
 
 #[test]

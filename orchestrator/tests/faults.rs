@@ -254,6 +254,38 @@ async fn timers_fire_after_an_orchestrator_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_that_ends_takes_its_watchdog_with_it() {
+    let mut def = order_definition();
+    for step in def["steps"].as_array_mut().unwrap() {
+        step["timeout_ms"] = 1500.into();
+    }
+    let sys = System::start_with(Options {
+        definition: Some(def),
+        ..Options::default()
+    })
+    .await;
+    sys.publish(&order("ends-1", "c-1", "sku-1", 1, 400), None)
+        .await;
+    let s = sys.wait_terminal("ends-1", WAIT).await;
+    assert_eq!(s["status"], "completed", "{s}");
+    let due = s["watchdog_due_ms"].as_u64().expect("a watchdog was armed");
+    // Past the watchdog's due time and the cancel message's one-second TTL: the schedule was
+    // cleared, so nothing fired, nothing was delivered and nothing is left in the stream.
+    let wait = due.saturating_sub(jetsaga_common::time::now_ms()) + 2_500;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let mut stream = sys.js.get_stream("JETSAGA_TIMERS").await.unwrap();
+    let left = stream.info().await.unwrap().state.messages;
+    assert_eq!(left, 0, "the timers stream still holds messages");
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("orchestrator-timers").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(
+        info.delivered.stream_sequence, 0,
+        "a timer fired for a saga that had ended: {info:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_orchestrators_give_the_same_results_as_one() {
     let sys = System::start(2).await;
     let batch = mixed_batch("two", 60);
