@@ -86,6 +86,18 @@ pub enum Outcome {
     Aborted,
 }
 
+impl Outcome {
+    /// The wire name (as serialised), for metrics labels, logs and span attributes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::BusinessFailure => "business_failure",
+            Outcome::RetryableFailure => "retryable_failure",
+            Outcome::Aborted => "aborted",
+        }
+    }
+}
+
 /// A participant's answer to one [`Command`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,6 +177,18 @@ pub fn query_subject(service: &str, what: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcome_names_are_the_wire_names() {
+        for o in [
+            Outcome::Success,
+            Outcome::BusinessFailure,
+            Outcome::RetryableFailure,
+            Outcome::Aborted,
+        ] {
+            assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
+        }
+    }
 
     fn cmd() -> Command {
         Command {

@@ -723,12 +723,9 @@ fn observe(m: &Metrics, before: &SagaState, after: &SagaState, input: &Input) {
                 Op::Action => st.action.as_str(),
                 Op::Compensation => st.compensation.as_deref().unwrap_or("-"),
             };
-            let outcome = serde_json::to_value(r.outcome)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
+            let outcome = r.outcome.as_str();
             let secs = after.updated_ms.saturating_sub(sent) as f64 / 1000.0;
-            m.step(&st.service, action, r.op.as_str(), &outcome, secs);
+            m.step(&st.service, action, r.op.as_str(), outcome, secs);
         }
     }
 }

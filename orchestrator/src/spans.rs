@@ -100,10 +100,7 @@ fn settled_by(input: &Input, after: &SagaState, i: usize, op: Op) -> (String, Op
     };
     match input {
         Input::Reply(r) => {
-            let outcome = serde_json::to_value(r.outcome)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_else(|| "unknown".into());
+            let outcome = r.outcome.as_str().to_string();
             let error = (r.outcome != protocol::Outcome::Success)
                 .then(|| r.error.clone().unwrap_or_else(recorded));
             (outcome, error)

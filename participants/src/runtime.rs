@@ -428,16 +428,13 @@ impl<S: Service> Worker<S> {
             .observe(started.elapsed().as_secs_f64());
         for (cmd, h) in cmds.iter().zip(&handled) {
             log_handled(cmd, h);
-            let outcome = serde_json::to_value(h.reply.outcome)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
+            let outcome = h.reply.outcome.as_str();
             self.metrics.command(
                 name,
                 &cmd.action,
                 cmd.op.as_str(),
                 h.decision.as_str(),
-                &outcome,
+                outcome,
             );
         }
         Some(
@@ -592,10 +589,7 @@ fn export_span(
     let Some(parent) = trace::parent_span_id(traceparent) else {
         return;
     };
-    let outcome = serde_json::to_value(reply.outcome)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let outcome = reply.outcome.as_str();
     let mut span = otel::Span::new(
         format!("process {}", msg.subject),
         otel::Kind::Consumer,
