@@ -119,8 +119,15 @@ fn limits(name: &str, subject: &str, max_age: Duration, s: &Settings) -> stream:
     }
 }
 
-async fn reconcile(js: &jetstream::Context, cfg: stream::Config) -> Result<(), Error> {
+async fn reconcile(js: &jetstream::Context, mut cfg: stream::Config) -> Result<(), Error> {
     let name = cfg.name.clone();
+    // Per-message TTLs cannot be switched off once on (the server refuses the update), so never
+    // ask: an orchestrator whose config lacks them (an older one, during a rollback) still starts.
+    if !cfg.allow_message_ttl {
+        if let Ok(existing) = js.get_stream(&name).await {
+            cfg.allow_message_ttl = existing.cached_info().config.allow_message_ttl;
+        }
+    }
     js.create_or_update_stream(cfg)
         .await
         .map(|_| ())
@@ -244,4 +251,36 @@ pub async fn ensure_consumer(
             name: durable.into(),
             source: e.into(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::NatsServer;
+
+    /// A config without per-message TTLs (an older orchestrator's) still reconciles a stream
+    /// that has them: the server refuses to switch them off, so reconcile keeps them on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reconcile_keeps_message_ttls_that_cannot_be_switched_off() {
+        let server = NatsServer::start();
+        let client = crate::dev::connect_as(&server.url(), "orchestrator")
+            .await
+            .unwrap();
+        let js = jetstream::new(client);
+        let subjects = vec![TIMER_SUBJECTS.into(), SCHEDULE_SUBJECTS.into()];
+        let mut cfg = work_queue(TIMERS_STREAM, subjects, &Settings::default());
+        cfg.allow_message_ttl = true;
+        reconcile(&js, cfg.clone()).await.unwrap();
+        cfg.allow_message_ttl = false;
+        reconcile(&js, cfg.clone())
+            .await
+            .expect("an older config reconciles");
+        let info = js.get_stream(TIMERS_STREAM).await.unwrap();
+        assert!(info.cached_info().config.allow_message_ttl);
+        // Where TTLs were never on, they stay off.
+        let plain = work_queue(OPS_STREAM, vec!["saga.ops.>".into()], &Settings::default());
+        reconcile(&js, plain).await.unwrap();
+        let info = js.get_stream(OPS_STREAM).await.unwrap();
+        assert!(!info.cached_info().config.allow_message_ttl);
+    }
 }
